@@ -1,0 +1,28 @@
+"""comol: Core-Space Mixture of LoRA (CoMoL) and its baselines as native peft adapters.
+
+``import comol`` registers every method with peft, so ``get_peft_model``, ``PeftModel.from_pretrained``
+and transformers' ``model.load_adapter`` work with comol adapters.
+"""
+
+import comol.methods._all  # noqa: F401  (registers every method with peft)
+from comol.export import calibrate_gates, export_lora
+from comol.methods import build_config, get_config_class, method_names
+from comol.methods.comol import CoMoLConfig, CoMoLLayer, CoMoLModel
+from comol.mixture import MergeNotSupportedError, RouterStats, collect_aux_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CoMoLConfig",
+    "CoMoLLayer",
+    "CoMoLModel",
+    "MergeNotSupportedError",
+    "RouterStats",
+    "__version__",
+    "build_config",
+    "calibrate_gates",
+    "collect_aux_loss",
+    "export_lora",
+    "get_config_class",
+    "method_names",
+]

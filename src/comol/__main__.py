@@ -1,0 +1,5 @@
+import sys
+
+from comol.cli import main
+
+sys.exit(main())

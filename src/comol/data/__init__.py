@@ -1,0 +1,1 @@
+"""Data: prompt templates, dataset loading and tokenisation, and the offline arithmetic generator."""

@@ -1,0 +1,153 @@
+"""PyTorch fast paths for CoMoL's core mixing: custom ``autograd.Function`` s with hand-written backward.
+
+Notation: ``N`` tokens (leading dimensions flattened), ``r`` rank, ``E`` experts, ``k`` router input width
+(``r`` for core-space routing, ``d_in`` for input routing).
+
+The eager path (``comol.kernels.core_mix_eager``) keeps the experts' outputs ``(N, E, r)`` alive for
+backward, plus the float32 router probabilities ``(N, E)``. The functions here save only the *inputs*
+(``z``, the router input, small weights) and recompute the rest in backward, so the memory kept for
+backward matches plain LoRA's up to an ``(N, r)`` term whatever ``E`` is.
+
+Maths (per token; ``M_e = cores[e]`` laid out ``[out, in]``, ``dm = dL/dm``)::
+
+    logits = W_g u                    probs = softmax_f32(logits)      g = probs (cast to z's dtype)
+    m      = sum_e g_e M_e z
+    dL/dM_e   = sum_n g_ne dm_n z_n^T
+    dL/dg_e   = dm^T M_e z  = <M_e^T dm, z>
+    dL/dz     = sum_e g_e M_e^T dm   (+ W_g^T dL/dlogits when u is z)
+    dL/dlogits = probs * (dL/dg - <dL/dg, probs>)                    (float32)
+    dL/du     = W_g^T dL/dlogits,    dL/dW_g = sum_n dL/dlogits_n u_n^T
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def _mix(z: torch.Tensor, gates: torch.Tensor, cores: torch.Tensor) -> torch.Tensor:
+    """``(N, r), (N, E), (E, r, r) -> (N, r)``: ``sum_e g_e M_e z`` as one GEMM over ``K = E r``.
+
+    ``m = (g ⊗ z) C`` with ``C[(e, i), o] = M_e[o, i]``; the ``(N, E r)`` outer product is a temporary of
+    the forward, never saved (it measured faster on CPU than a batched ``(1 x E) @ (E x r)`` per token).
+    """
+    num_experts, r_out, r_in = cores.shape
+    outer = (gates.unsqueeze(2) * z.unsqueeze(1)).reshape(z.shape[0], num_experts * r_in)  # (N, E*r_in)
+    return outer @ cores.transpose(1, 2).reshape(num_experts * r_in, r_out)
+
+
+def _mix_backward(
+    z: torch.Tensor, gates: torch.Tensor, cores: torch.Tensor, grad_m: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``_mix`` w.r.t. ``z (N, r)``, ``gates (N, E)``, ``cores (E, r, r)``."""
+    num_experts, r_out, r_in = cores.shape
+    n = z.shape[0]
+    # (N, E, r_in): M_e^T dm per expert, one matmul over the stacked cores
+    back = (grad_m @ cores.permute(1, 0, 2).reshape(r_out, num_experts * r_in)).view(n, num_experts, r_in)
+    grad_z = torch.bmm(gates.unsqueeze(1), back).squeeze(1)  # (N, r_in)
+    grad_gates = torch.bmm(back, z.unsqueeze(2)).squeeze(2)  # (N, E)
+    weighted = (gates.unsqueeze(2) * grad_m.unsqueeze(1)).reshape(n, num_experts * r_out)  # (N, E*r_out)
+    grad_cores = (weighted.t() @ z).view(num_experts, r_out, r_in)  # (E, r_out, r_in)
+    return grad_z, grad_gates, grad_cores
+
+
+def _softmax_f32(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over ``E`` in float32 (float64 stays float64, for ``gradcheck``)."""
+    return torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+class _CoreMix(torch.autograd.Function):
+    """``m = sum_e g_e M_e z``, saving only ``z``, ``gates`` and ``cores`` (no ``(N, E, r)`` tensor)."""
+
+    @staticmethod
+    def forward(z: torch.Tensor, gates: torch.Tensor, cores: torch.Tensor) -> torch.Tensor:
+        return _mix(_flat(z), _flat(gates), cores).view(*z.shape[:-1], cores.shape[1])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        z, gates, cores = inputs
+        ctx.save_for_backward(z, gates, cores)
+
+    @staticmethod
+    def backward(ctx: Any, grad_m: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        z, gates, cores = ctx.saved_tensors
+        grad_z, grad_gates, grad_cores = _mix_backward(
+            _flat(z), _flat(gates), cores, _flat(grad_m).to(z.dtype)
+        )
+        return grad_z.view_as(z), grad_gates.view_as(gates), grad_cores
+
+
+def core_mix_fused(z: torch.Tensor, gates: torch.Tensor, cores: torch.Tensor) -> torch.Tensor:
+    """Same result as ``core_mix_eager``; backward saves ``z (..., r)`` and ``gates (..., E)`` only."""
+    return _CoreMix.apply(z, gates, cores)
+
+
+class _RoutedCoreMix(torch.autograd.Function):
+    """Router logits, float32 softmax and core mixing in one node.
+
+    Saves ``z``, the router input ``u`` (the same tensor as ``z`` for core-space routing, or the layer input
+    ``x`` that the A projection saves anyway), the router weight and the cores. Probabilities and expert
+    outputs are recomputed in backward.
+    """
+
+    @staticmethod
+    def forward(
+        z: torch.Tensor, router_input: torch.Tensor, router_weight: torch.Tensor, cores: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        zf, uf = _flat(z), _flat(router_input)
+        probs = _softmax_f32(uf @ router_weight.t())  # (N, E) float32
+        mixed = _mix(zf, probs.to(z.dtype), cores)  # (N, r)
+        lead = z.shape[:-1]
+        return mixed.view(*lead, cores.shape[1]), probs.view(*lead, cores.shape[0])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, ...], output: tuple[torch.Tensor, ...]) -> None:
+        z, router_input, router_weight, cores = inputs
+        ctx.save_for_backward(z, router_input, router_weight, cores)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_m: torch.Tensor, _grad_probs: torch.Tensor | None
+    ) -> tuple[torch.Tensor, ...]:
+        z, router_input, router_weight, cores = ctx.saved_tensors
+        zf, uf = _flat(z), _flat(router_input)
+        logits = uf @ router_weight.t()  # (N, E), recomputed
+        probs = _softmax_f32(logits)  # (N, E) float32
+        grad_z, grad_gates, grad_cores = _mix_backward(
+            zf, probs.to(z.dtype), cores, _flat(grad_m).to(z.dtype)
+        )
+        grad_gates = grad_gates.to(probs.dtype)
+        grad_logits = probs * (grad_gates - (grad_gates * probs).sum(-1, keepdim=True))  # (N, E) float32
+        grad_logits = grad_logits.to(logits.dtype)
+        grad_u = grad_logits @ router_weight  # (N, k)
+        grad_w = grad_logits.t() @ uf  # (E, k)
+        # When router_input is z, autograd adds grad_u to grad_z itself.
+        return grad_z.view_as(z), grad_u.view_as(router_input), grad_w, grad_cores
+
+
+def routed_core_mix_fused(
+    z: torch.Tensor, router_input: torch.Tensor, router_weight: torch.Tensor, cores: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused ``softmax_f32(router_input W_g^T)`` and core mixing.
+
+    Args:
+        z: ``(..., r)`` low-rank codes.
+        router_input: ``(..., k)``: ``z`` itself (core-space routing) or the layer input ``x``.
+        router_weight: ``(E, k)``.
+        cores: ``(E, r, r)``.
+
+    Returns:
+        ``mixed (..., r)`` and the router ``probs (..., E)`` in float32 (detached, for statistics).
+    """
+    if not torch.is_grad_enabled() or not any(
+        t.requires_grad for t in (z, router_input, router_weight, cores)
+    ):  # inference: same maths, no autograd node
+        with torch.no_grad():
+            return _RoutedCoreMix.forward(z, router_input, router_weight, cores)
+    return _RoutedCoreMix.apply(z, router_input, router_weight, cores)

@@ -1,0 +1,152 @@
+"""CoMoL: Core-Space Mixture of LoRA (Cao et al., 2026, arXiv 2603.00573).
+
+One LoRA pair ``A (r x d_in)``, ``B (d_out x r)`` shared by all experts; expert ``e`` is only an
+``r x r`` core ``M_e``. For every token (paper Eq. 13-15)::
+
+    z = A dropout(x)                                   # (..., r)
+    g = softmax(W_g z)        core-space routing       # W_g: (E, r)
+    g = softmax(W_g x)        input routing ("w/o CR") # W_g: (E, d_in)
+    h = W x + (alpha / r) * B (sum_e g_e M_e) z
+
+The mixture is applied to ``z`` directly (``comol.kernels.core_mix``): no per-token ``r x r`` matrix is
+ever built. Trainable parameters per layer: ``r (d_in + d_out) + E r^2 + E (r or d_in)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from comol import kernels
+from comol.mixture import MixtureLayer, MixtureModel, RoutedMixtureConfig, register_method, routing
+from comol.mixture.registration import ComolPeftType
+
+INIT_CORES = ("kaiming", "identity", "orthogonal")
+
+
+@dataclass
+class CoMoLConfig(RoutedMixtureConfig):
+    """Configuration of a CoMoL adapter.
+
+    Example:
+        >>> import comol
+        >>> from peft import get_peft_model
+        >>> config = comol.CoMoLConfig(r=16, lora_alpha=16, num_experts=8)  # doctest: +SKIP
+        >>> model = get_peft_model(base_model, config)  # doctest: +SKIP
+    """
+
+    core_router: bool = field(
+        default=True,
+        metadata={
+            "help": "Route on the low-rank code z = A x (core-space routing, router E x r). False: route on the "
+            "input x (the paper's 'CoMoL w/o CR', router E x d_in)."
+        },
+    )
+    init_cores: str = field(
+        default="kaiming",
+        metadata={
+            "help": "Initialisation of the expert cores: 'kaiming' (uniform, as nn.Linear; the authors' setup), "
+            "'identity' (every core = I, so the adapter starts as plain LoRA) or 'orthogonal'."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ComolPeftType.COMOL
+        if self.init_cores not in INIT_CORES:
+            raise ValueError(f"init_cores must be one of {INIT_CORES}, got {self.init_cores!r}.")
+
+
+class CoMoLLayer(MixtureLayer):
+    """CoMoL adapter layer. Per adapter: ``comol_A``, ``comol_B``, ``comol_router`` (``nn.Linear``) and
+    ``comol_cores`` (``nn.Parameter (E, r, r)``, ``M_e[out, in]``, so expert e's update is ``B M_e A``)."""
+
+    prefix = "comol_"
+    module_parts = ("A", "B", "router")
+    param_parts = ("cores",)
+
+    def create_adapter(self, adapter_name: str, config: CoMoLConfig) -> None:
+        r, num_experts = config.r, config.num_experts
+        self.comol_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.comol_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+        self.comol_cores[adapter_name] = nn.Parameter(torch.empty(num_experts, r, r))
+        router_in = r if config.core_router else self.in_features
+        self.comol_router[adapter_name] = nn.Linear(router_in, num_experts, bias=False)
+
+    @torch.no_grad()
+    def reset_adapter(self, adapter_name: str, config: CoMoLConfig) -> None:
+        nn.init.kaiming_uniform_(self.comol_A[adapter_name].weight, a=math.sqrt(5))
+        if config.init_weights:
+            nn.init.zeros_(self.comol_B[adapter_name].weight)
+        else:
+            nn.init.kaiming_uniform_(self.comol_B[adapter_name].weight, a=math.sqrt(5))
+        cores = self.comol_cores[adapter_name]
+        for core in cores:
+            if config.init_cores == "identity":
+                core.copy_(torch.eye(config.r))
+            elif config.init_cores == "orthogonal":
+                nn.init.orthogonal_(core)
+            else:
+                nn.init.kaiming_uniform_(core, a=math.sqrt(5))
+        self.comol_router[adapter_name].reset_parameters()
+
+    def route(self, adapter_name: str, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Gates ``(..., E)`` (dtype of ``z``) for input ``x (..., d_in)`` with codes ``z (..., r)``."""
+        config: CoMoLConfig = self.adapter_config[adapter_name]
+        logits = self.comol_router[adapter_name](z if config.core_router else x)  # (..., E)
+        probs = routing.softmax_f32(logits)  # (..., E) float32
+        gates = probs if config.router_top_k is None else routing.top_k_gates(probs, config.router_top_k)
+        self.observe_routing(adapter_name, probs, gates, aux_loss_coef=config.aux_loss_coef)
+        return gates.to(z.dtype)
+
+    def adapter_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """``(..., d_in) -> (..., d_out)``: ``(alpha/r) B (sum_e g_e M_e) A dropout(x)``."""
+        z = self.comol_A[adapter_name](self.adapter_dropout[adapter_name](x))  # (..., r)
+        impl = kernels.resolve_core_mix(self.kernel, z)
+        config: CoMoLConfig = self.adapter_config[adapter_name]
+        router = self.comol_router[adapter_name]
+        if (
+            kernels.has_routed_core_mix(impl)
+            and config.router_top_k is None
+            and router.bias is None
+            and not (config.aux_loss_coef > 0 and self.training)  # the balancing loss needs probs' graph
+        ):  # fast path: router, float32 softmax and mixing in one kernel
+            mixed, probs = kernels.routed_core_mix(
+                z, z if config.core_router else x, router.weight, self.comol_cores[adapter_name], impl=impl
+            )  # (..., r), (..., E)
+            self.observe_routing(adapter_name, probs, probs)
+            return self.comol_B[adapter_name](mixed) * self.scaling[adapter_name]
+        gates = self.route(adapter_name, x, z)  # (..., E)
+        mixed = kernels.core_mix(z, gates, self.comol_cores[adapter_name], impl=impl)  # (..., r)
+        return self.comol_B[adapter_name](mixed) * self.scaling[adapter_name]
+
+    def static_gates(self, adapter_name: str) -> torch.Tensor | None:
+        if self.adapter_config[adapter_name].num_experts == 1:
+            return torch.ones(1)  # softmax over a single expert is 1 for every token
+        return None
+
+    def fixed_gate_lora(
+        self, adapter_name: str, gates: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cores = self.comol_cores[adapter_name]  # (E, r, r)
+        if gates is None or gates.shape != (cores.shape[0],):
+            raise ValueError(
+                f"gates must have shape ({cores.shape[0]},), got {None if gates is None else gates.shape}."
+            )
+        merged_core = torch.einsum("e,eoi->oi", gates.to(cores), cores)  # (r, r)
+        a = self.comol_A[adapter_name].weight  # (r, d_in)
+        b = self.comol_B[adapter_name].weight @ merged_core * self.scaling[adapter_name]  # (d_out, r)
+        return a, b
+
+
+class CoMoLModel(MixtureModel):
+    """peft tuner for CoMoL (use through ``peft.get_peft_model(model, CoMoLConfig(...))``)."""
+
+    prefix = "comol_"
+    tuner_layer_cls = CoMoLLayer
+
+
+register_method("comol", CoMoLConfig, CoMoLModel)

@@ -1,0 +1,30 @@
+"""The one mechanism all of comol's mixture-of-LoRA methods are built on.
+
+- :mod:`~comol.mixture.config`: shared config fields (peft conventions) and default target modules.
+- :mod:`~comol.mixture.routing`: logits -> probs -> gates (soft, top-k), entropy, balancing loss.
+- :mod:`~comol.mixture.layer`: :class:`MixtureLayer`, the adapter layer a method subclasses.
+- :mod:`~comol.mixture.model`: :class:`MixtureModel`, the peft tuner a method subclasses.
+- :mod:`~comol.mixture.stats`: :class:`RouterStats`, hooks for expert load and gate entropy.
+- :mod:`~comol.mixture.registration`: makes a method known to peft and to comol's CLI.
+"""
+
+from comol.mixture.config import DEFAULT_TARGET_MODULES, MixtureConfig, RoutedMixtureConfig
+from comol.mixture.layer import MergeNotSupportedError, MixtureLayer, RoutingContext
+from comol.mixture.model import MixtureModel, collect_aux_loss, mixture_layers
+from comol.mixture.registration import ComolPeftType, register_method
+from comol.mixture.stats import RouterStats
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "ComolPeftType",
+    "MergeNotSupportedError",
+    "MixtureConfig",
+    "MixtureLayer",
+    "MixtureModel",
+    "RoutedMixtureConfig",
+    "RouterStats",
+    "RoutingContext",
+    "collect_aux_loss",
+    "mixture_layers",
+    "register_method",
+]

@@ -1,0 +1,325 @@
+"""The adapter layer every mixture-of-LoRA method builds on.
+
+Notation (used in every docstring and ``einsum`` of comol):
+
+=========  ===========================================================
+``B``      batch size
+``T``      tokens per sequence (any leading dimensions are accepted)
+``N``      tokens in all, ``B * T`` once leading dimensions are flattened
+``d_in``   input features of the frozen base layer ``W (d_out x d_in)``
+``d_out``  output features of the base layer
+``r``      LoRA rank
+``E``      number of experts
+=========  ===========================================================
+
+A :class:`MixtureLayer` wraps a frozen ``nn.Linear`` (or transformers' ``Conv1D``) and adds, for every
+active adapter, ``h = W x + delta(x)``. A method subclasses it and says which per-adapter tensors it owns
+(:attr:`MixtureLayer.module_parts` / :attr:`MixtureLayer.param_parts`), how to create and initialise them
+(:meth:`create_adapter`, :meth:`reset_adapter`) and how to compute ``delta`` (:meth:`adapter_forward`).
+Everything else is shared: peft's adapter bookkeeping (several named adapters, ``set_adapter``,
+``disable_adapter``), input dtype casting, merging where a method allows it, router statistics hooks and
+auxiliary losses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+from transformers.pytorch_utils import Conv1D
+
+from comol.mixture import routing
+
+if TYPE_CHECKING:
+    from comol.mixture.config import MixtureConfig
+
+logger = logging.getLogger(__name__)
+
+# hook(layer, adapter_name, probs (N, E) float32, gates (N, E) float32, mask (N,) bool | None) -> None
+GateHook = Callable[["MixtureLayer", str, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
+
+
+class MergeNotSupportedError(ValueError):
+    """Raised when an adapter's update depends on the input, so it cannot be folded into ``W``."""
+
+
+class RoutingContext:
+    """Per-forward information shared by a tuner and all its layers (no globals).
+
+    The tuner sets :attr:`attention_mask` from the keyword arguments of each forward of the wrapped
+    model, so that layers can ignore padding (instance-level routing, router statistics, balancing
+    losses). It is kept until the next forward, so that gradient-checkpointing recomputation sees the
+    same mask as the forward it repeats.
+    """
+
+    def __init__(self) -> None:
+        self.attention_mask: torch.Tensor | None = None  # (B, T), 1 for real tokens
+
+    def token_mask(self, leading_shape: torch.Size) -> torch.Tensor | None:
+        """The mask as bool ``(*leading_shape)`` if it matches the tokens a layer sees, else None."""
+        mask = self.attention_mask
+        if mask is None or tuple(mask.shape) != tuple(leading_shape):
+            return None
+        return mask.bool()
+
+
+class MixtureLayer(nn.Module, BaseTunerLayer):
+    """Base class of all mixture-of-LoRA adapter layers.
+
+    Subclasses set :attr:`prefix` (``"<method>_"``), :attr:`module_parts` and :attr:`param_parts`; the
+    per-adapter containers ``<prefix><part>`` (an ``nn.ModuleDict`` or ``nn.ParameterDict`` keyed by
+    adapter name) are created here and listed in peft's ``adapter_layer_names``.
+
+    Args:
+        base_layer: the frozen ``nn.Linear`` or ``Conv1D``.
+        context: the owning tuner's :class:`RoutingContext`.
+    """
+
+    prefix: ClassVar[str] = ""
+    module_parts: ClassVar[tuple[str, ...]] = ()
+    param_parts: ClassVar[tuple[str, ...]] = ()
+    other_param_names: ClassVar[tuple[str, ...]] = ("adapter_config", "scaling")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.adapter_layer_names = tuple(cls.prefix + part for part in cls.module_parts + cls.param_parts)
+
+    def __init__(self, base_layer: nn.Module, context: RoutingContext | None = None, **kwargs: Any) -> None:
+        nn.Module.__init__(self)
+        self.base_layer = base_layer
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear | Conv1D):
+            raise TypeError(
+                f"{type(self).__name__} cannot adapt a {type(base).__name__}: comol adapts torch.nn.Linear and "
+                "transformers' Conv1D layers. Remove this module from target_modules."
+            )
+        self.in_features, self.out_features = _get_in_out_features(base)
+        self.is_conv1d = isinstance(base, Conv1D)
+        for part in self.module_parts:
+            setattr(self, self.prefix + part, nn.ModuleDict())
+        for part in self.param_parts:
+            setattr(self, self.prefix + part, nn.ParameterDict())
+        self.adapter_dropout = nn.ModuleDict()
+        self.adapter_config: dict[str, MixtureConfig] = {}
+        self.scaling: dict[str, float] = {}
+        self.module_key: str | None = None
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
+        self.kernel = "auto"  # implementation of method-specific fast paths, see comol.kernels
+        self.context = context if context is not None else RoutingContext()
+        self._gate_hooks: OrderedDict[int, GateHook] = OrderedDict()
+        self._aux_losses: dict[str, torch.Tensor] = {}
+        self._warned_no_grad_aux = False
+        self.kwargs = kwargs
+
+    # ----------------------------------------------------------------------------------------------
+    # What a method implements
+    # ----------------------------------------------------------------------------------------------
+    def create_adapter(self, adapter_name: str, config: MixtureConfig) -> None:
+        """Create this adapter's tensors in the ``<prefix><part>`` containers."""
+        raise NotImplementedError
+
+    def reset_adapter(self, adapter_name: str, config: MixtureConfig) -> None:
+        """Initialise this adapter's tensors (called when ``config.init_weights`` asks for it)."""
+        raise NotImplementedError
+
+    def adapter_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's additive update.
+
+        Args:
+            adapter_name: which adapter.
+            x: ``(..., d_in)`` input, already cast to the adapter's dtype.
+
+        Returns:
+            ``(..., d_out)``, including the ``alpha / r`` scaling.
+        """
+        raise NotImplementedError
+
+    def fixed_gate_lora(
+        self, adapter_name: str, gates: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """LoRA factors equal to this adapter when its gates are frozen to ``gates``.
+
+        Args:
+            adapter_name: which adapter.
+            gates: ``(E,)`` expert weights, or None for methods without a router.
+
+        Returns:
+            ``(A (r', d_in), B (d_out, r'))`` with the scaling folded into ``B``, so that the update is
+            exactly ``B @ A @ x`` for every token routed with ``gates``.
+        """
+        raise MergeNotSupportedError(
+            f"{type(self).__name__} cannot be written as a LoRA with a fixed gate; export is not supported."
+        )
+
+    def static_gates(self, adapter_name: str) -> torch.Tensor | None:
+        """``(E,)`` gates if they do not depend on the input (then the adapter can be merged), else None."""
+        return None
+
+    def merge_blocker(self, adapter_name: str) -> str | None:
+        """Why this adapter cannot be merged into ``W`` (None if it can)."""
+        config = self.adapter_config[adapter_name]
+        if self.static_gates(adapter_name) is None:
+            return (
+                f"adapter {adapter_name!r} routes each token to a different mixture of experts, so its update "
+                f"depends on the input and cannot be folded into the base weights (num_experts="
+                f"{getattr(config, 'num_experts', '?')}). Keep the adapter unmerged, or export a LoRA for a "
+                "fixed gate with comol.export_lora (an approximation of the mixture)."
+            )
+        return None
+
+    # ----------------------------------------------------------------------------------------------
+    # Shared machinery
+    # ----------------------------------------------------------------------------------------------
+    def part(self, name: str) -> nn.ModuleDict | nn.ParameterDict:
+        """The per-adapter container ``<prefix><name>``."""
+        return getattr(self, self.prefix + name)
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: MixtureConfig,
+        module_key: str | None = None,
+        inference_mode: bool = False,
+    ) -> None:
+        """Add adapter ``adapter_name`` to this layer (peft calls this once per targeted module)."""
+        if module_key is not None:
+            self.module_key = module_key
+        self.adapter_config[adapter_name] = config
+        self.scaling[adapter_name] = config.scaling
+        self.adapter_dropout[adapter_name] = (
+            nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        )
+        self.create_adapter(adapter_name, config)
+        self.reset_adapter(adapter_name, config)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def adapter_dtype(self, adapter_name: str) -> torch.dtype:
+        for layer_name in self.adapter_layer_names:
+            container = getattr(self, layer_name)
+            if adapter_name in container:
+                item = container[adapter_name]
+                tensor = item if isinstance(item, torch.Tensor) else next(item.parameters(), None)
+                if tensor is not None:
+                    return tensor.dtype
+        return self.get_base_layer().weight.dtype
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``(..., d_in) -> (..., d_out)``: the base layer plus every active adapter's update."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        result_dtype = result.dtype
+        for name in self.active_adapters:
+            if name not in self.adapter_config:
+                continue
+            delta = self.adapter_forward(name, self._cast_input_dtype(x, self.adapter_dtype(name)))
+            result = result + delta.to(result_dtype)
+        return result
+
+    # --- routing observers: statistics hooks and auxiliary losses ----------------------------------
+    def register_gate_hook(self, hook: GateHook) -> RemovableHandle:
+        """Call ``hook(layer, adapter_name, probs, gates, mask)`` after every routing decision.
+
+        ``probs`` and ``gates`` are flattened to ``(N, E)`` float32 and detached; ``mask`` is ``(N,)`` bool
+        (False for padding) or None. Returns a handle whose ``remove()`` unregisters the hook.
+        """
+        handle = RemovableHandle(self._gate_hooks)
+        self._gate_hooks[handle.id] = hook
+        return handle
+
+    def observe_routing(
+        self,
+        adapter_name: str,
+        probs: torch.Tensor,
+        gates: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        aux_loss_coef: float = 0.0,
+    ) -> None:
+        """Report one routing decision: feeds the gate hooks and records the balancing loss.
+
+        Args:
+            adapter_name: which adapter routed.
+            probs: ``(..., E)`` float32 router probabilities.
+            gates: ``(..., E)`` gates actually used.
+            mask: ``(...)`` bool token mask, or None to take it from the routing context.
+            aux_loss_coef: coefficient of :func:`comol.mixture.routing.load_balancing_loss` (0: off).
+        """
+        if mask is None:
+            mask = self.context.token_mask(probs.shape[:-1])
+        if self._gate_hooks:
+            num_experts = probs.shape[-1]
+            flat_mask = None if mask is None else mask.reshape(-1)
+            flat_probs = probs.detach().float().reshape(-1, num_experts)
+            flat_gates = gates.detach().float().reshape(-1, num_experts)
+            for hook in list(self._gate_hooks.values()):
+                hook(self, adapter_name, flat_probs, flat_gates, flat_mask)
+        if aux_loss_coef > 0 and self.training:
+            if not torch.is_grad_enabled() and not self._warned_no_grad_aux:
+                logger.warning(
+                    "%s: the load-balancing loss is computed without gradient (re-entrant gradient checkpointing "
+                    "or no_grad); use gradient_checkpointing_kwargs={'use_reentrant': False}.",
+                    self.module_key or type(self).__name__,
+                )
+                self._warned_no_grad_aux = True
+            # Overwritten (not appended) on every forward: recomputation under gradient checkpointing
+            # therefore never counts a layer twice.
+            self._aux_losses[adapter_name] = aux_loss_coef * routing.load_balancing_loss(probs, gates, mask)
+
+    def pop_aux_losses(self) -> list[torch.Tensor]:
+        """The auxiliary losses recorded since the last call, for the active adapters; clears them."""
+        losses = [self._aux_losses[name] for name in self.active_adapters if name in self._aux_losses]
+        self._aux_losses.clear()
+        return losses
+
+    # --- merging ------------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``(d_out, d_in)`` update ``Delta W`` of a mergeable adapter (in the layout of ``nn.Linear``)."""
+        reason = self.merge_blocker(adapter_name)
+        if reason is not None:
+            raise MergeNotSupportedError(f"Cannot merge: {reason}")
+        a, b = self.fixed_gate_lora(adapter_name, self.static_gates(adapter_name))
+        return b @ a
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold mergeable adapters into the base weight (see :meth:`merge_blocker`)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for name in adapter_names:
+            if name not in self.adapter_config:
+                continue
+            base = self.get_base_layer()
+            delta = self.get_delta_weight(name)
+            if self.is_conv1d:
+                delta = delta.T
+            merged = base.weight.data + delta.to(base.weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"NaNs or infs found while merging adapter {name!r}; the weights are untouched."
+                )
+            base.weight.data = merged
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            base = self.get_base_layer()
+            delta = self.get_delta_weight(name)
+            if self.is_conv1d:
+                delta = delta.T
+            base.weight.data -= delta.to(base.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"

