@@ -432,3 +432,26 @@ def test_clear_errors():
         comol.build_config("comol", rank=4)
     with pytest.raises(ValueError, match="Unknown method"):
         comol.build_config("nope")
+
+
+def test_layers_to_transform_and_modules_to_save(tmp_path, input_ids):
+    config = CoMoLConfig(
+        r=4,
+        lora_alpha=8,
+        num_experts=3,
+        target_modules=TARGETS,
+        layers_to_transform=[1],
+        layers_pattern="layers",
+        modules_to_save=["lm_head"],
+    )
+    model = get_peft_model(tiny_model("llama"), config)
+    assert sorted({key.split(".layers.")[1].split(".")[0] for key in mixture_layers(model)}) == ["1"]
+    head = model.base_model.model.lm_head
+    assert any(p.requires_grad for p in head.parameters())
+    randomize_adapter(model)
+    with torch.no_grad():
+        expected = model(input_ids).logits
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids).logits, expected)
