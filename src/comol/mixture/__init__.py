@@ -10,7 +10,13 @@
 
 from comol.mixture.config import DEFAULT_TARGET_MODULES, MixtureConfig, RoutedMixtureConfig
 from comol.mixture.layer import MergeNotSupportedError, MixtureLayer, RoutingContext
-from comol.mixture.model import MixtureModel, collect_aux_loss, mixture_layers
+from comol.mixture.model import (
+    MixtureModel,
+    after_optimizer_step,
+    collect_aux_loss,
+    mixture_layers,
+    register_step_hooks,
+)
 from comol.mixture.registration import ComolPeftType, register_method
 from comol.mixture.stats import RouterStats
 
@@ -24,7 +30,9 @@ __all__ = [
     "RoutedMixtureConfig",
     "RouterStats",
     "RoutingContext",
+    "after_optimizer_step",
     "collect_aux_loss",
     "mixture_layers",
     "register_method",
+    "register_step_hooks",
 ]

@@ -159,6 +159,9 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
             f"{type(self).__name__} cannot be written as a LoRA with a fixed gate; export is not supported."
         )
 
+    def after_optimizer_step(self, adapter_name: str) -> None:
+        """Non-gradient state updates after each optimizer step (e.g. FlyLoRA's balancing bias). Default: none."""
+
     def static_gates(self, adapter_name: str) -> torch.Tensor | None:
         """``(E,)`` gates if they do not depend on the input (then the adapter can be merged), else None."""
         return None

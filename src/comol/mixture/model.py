@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers.pytorch_utils import Conv1D
 
 from comol.mixture.config import DEFAULT_TARGET_MODULES, MixtureConfig
@@ -102,6 +103,22 @@ class MixtureModel(BaseTuner):
 def mixture_layers(model: nn.Module) -> dict[str, MixtureLayer]:
     """All mixture layers of ``model`` (a ``PeftModel``, tuner or plain module), by module name."""
     return {name: module for name, module in model.named_modules() if isinstance(module, MixtureLayer)}
+
+
+def after_optimizer_step(model: nn.Module) -> None:
+    """Run every mixture layer's non-gradient update for its active adapters (call after ``optimizer.step()``).
+
+    ``comol train`` does it through an optimizer step hook; see :func:`register_step_hooks`.
+    """
+    for layer in mixture_layers(model).values():
+        for name in layer.active_adapters:
+            if name in layer.adapter_config:
+                layer.after_optimizer_step(name)
+
+
+def register_step_hooks(optimizer: torch.optim.Optimizer, model: nn.Module) -> RemovableHandle:
+    """Call :func:`after_optimizer_step` after every ``optimizer.step()``; returns the hook's handle."""
+    return optimizer.register_step_post_hook(lambda *_: after_optimizer_step(model))
 
 
 def collect_aux_loss(model: nn.Module) -> torch.Tensor | None:

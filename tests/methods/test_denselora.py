@@ -1,0 +1,85 @@
+"""DenseLoRA's own cases: encoders/decoders shared across layers, the paper's formula in float64, counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+
+from comol.methods import build_config
+from comol.methods.denselora import DenseLoRALayer
+from comol.mixture import mixture_layers
+
+from cases import TARGETS
+from conftest import VOCAB, randomize_adapter, tiny_model
+
+
+def adapted(family: str = "llama", dtype: torch.dtype = torch.float32, randomize: bool = True, **kwargs):
+    options = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, **kwargs}
+    model = get_peft_model(tiny_model(family, dtype=dtype), build_config("denselora", **options))
+    if randomize:
+        randomize_adapter(model)
+    return model
+
+
+def naive_denselora(layer: DenseLoRALayer, x: torch.Tensor, name: str = "default") -> torch.Tensor:
+    """Mu et al. 2025, token by token: ``h = W x + (alpha/r) gelu(D (M gelu(E x))))``."""
+    E, D = layer.shared.get(name, layer.kind)
+    M, config = layer.denselora_M[name], layer.adapter_config[name]
+    rows = [
+        config.lora_alpha / config.r * F.gelu(D @ (M @ F.gelu(E @ t))) for t in x.reshape(-1, x.shape[-1])
+    ]
+    return layer.get_base_layer()(x) + torch.stack(rows).reshape(*x.shape[:-1], -1)
+
+
+def test_matches_the_paper_formula_in_float64():
+    model = adapted(dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    for layer in mixture_layers(model).values():
+        x = torch.randn(2, 3, layer.in_features, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(layer(x), naive_denselora(layer, x), rtol=1e-12, atol=1e-12)
+
+
+def test_encoder_and_decoder_are_shared_across_layers():
+    model = adapted()
+    layers = mixture_layers(model)
+    by_kind: dict[str, list] = {}
+    for name, layer in layers.items():
+        by_kind.setdefault(name.rsplit(".", 1)[-1], []).append(layer.shared.get("default", layer.kind))
+    assert set(by_kind) == set(TARGETS)
+    for pairs in by_kind.values():
+        assert len(pairs) == 2  # two decoder layers
+        assert pairs[0][0] is pairs[1][0] and pairs[0][1] is pairs[1][1]
+    ms = [layer.denselora_M["default"] for layer in layers.values()]
+    assert len({id(m) for m in ms}) == len(ms)  # one dense matrix per module
+
+
+def test_shared_tensors_train_and_are_counted_once():
+    model = adapted(randomize=False)
+    layers = mixture_layers(model).values()
+    kinds = {layer.kind: (layer.in_features, layer.out_features) for layer in layers}
+    expected = sum(4 * (i + o) for i, o in kinds.values()) + 16 * len(layers)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+    model.train()
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    decoder = model.base_model.denselora_decoder["default"]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in decoder.values())
+
+
+def test_gpt2_same_name_different_shapes_get_separate_pairs():
+    model = adapted("gpt2", target_modules=None)
+    kinds = {layer.kind for layer in mixture_layers(model).values()}
+    assert kinds == {"c_attn_32x96", "c_proj_32x32", "c_proj_128x32"}
+
+
+def test_cannot_merge():
+    model = adapted()
+    with pytest.raises(ValueError, match="non-linear"):
+        model.merge_and_unload()
+
+
+def test_invalid_activation_raises():
+    with pytest.raises(ValueError, match="activation"):
+        build_config("denselora", activation="tanh")

@@ -1,0 +1,72 @@
+"""float64 equivalence of each method with the naive formula of its paper (``naive.py``), random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+
+from comol.methods import build_config
+from comol.mixture import mixture_layers
+
+import naive
+from cases import TARGETS
+from conftest import randomize_adapter, tiny_model
+
+# (method, extra config options, naive reference)
+REFERENCES = [
+    ("molora", {}, naive.molora),
+    ("hydralora", {}, naive.hydralora),
+    ("mola", {"router_top_k": 2}, naive.mola),
+    ("adamole", {}, naive.adamole),
+    ("adamole", {"max_threshold": 0.5}, naive.adamole),
+    ("smear", {}, naive.smear),
+]
+IDS = [f"{method}-{'-'.join(map(str, kw.values())) or 'default'}" for method, kw, _ in REFERENCES]
+
+
+class Wrapper(nn.Module):
+    def __init__(self, d_in: int = 12, d_out: int = 10) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def single_layer(method: str, **kwargs):
+    torch.manual_seed(0)
+    config = build_config(method, r=4, lora_alpha=8, num_experts=4, target_modules=["proj"], **kwargs)
+    model = get_peft_model(Wrapper().double(), config)
+    randomize_adapter(model, std=0.5)
+    return model.base_model.model.proj
+
+
+@pytest.mark.parametrize(("method", "kwargs", "reference"), REFERENCES, ids=IDS)
+@pytest.mark.parametrize("shape", [(5, 12), (3, 5, 12)])
+def test_layer_matches_paper_formula_float64(method, kwargs, reference, shape):
+    layer = single_layer(method, **kwargs)
+    x = torch.randn(*shape, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(("method", "kwargs", "reference"), REFERENCES, ids=IDS)
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_model_layers_match_paper_formula_float64(method, kwargs, reference, family, input_ids):
+    config = build_config(method, r=4, lora_alpha=4, num_experts=3, target_modules=TARGETS, **kwargs)
+    model = get_peft_model(tiny_model(family, dtype=torch.float64), config)
+    randomize_adapter(model, std=0.2)
+    captured = {}
+    hooks = [
+        layer.register_forward_hook(lambda mod, args, out, key=key: captured.__setitem__(key, (args[0], out)))
+        for key, layer in mixture_layers(model).items()
+    ]
+    model(input_ids)
+    for hook in hooks:
+        hook.remove()
+    assert len(captured) == 2 * len(TARGETS)
+    for key, (x, out) in captured.items():
+        torch.testing.assert_close(
+            out, reference(model.get_submodule(key), x), rtol=1e-10, atol=1e-10, msg=key
+        )
