@@ -1,0 +1,126 @@
+"""The fused PyTorch core-mix paths against the eager reference (``comol.kernels``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+
+import comol
+from comol import kernels
+from comol.bench.memory import saved_tensor_bytes
+
+
+def _inputs(n: int = 6, r: int = 4, num_experts: int = 3, k: int = 5, dtype: torch.dtype = torch.float64):
+    gen = torch.Generator().manual_seed(0)
+
+    def t(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+
+    return t(2, n // 2, r), t(2, n // 2, k), t(num_experts, r), t(num_experts, k), t(num_experts, r, r)
+
+
+def test_gradcheck_core_mix_fused() -> None:
+    z, _, _, _, cores = _inputs()
+    gates = torch.softmax(torch.randn(2, 3, 3, dtype=torch.float64), -1).requires_grad_()
+    assert torch.autograd.gradcheck(kernels.core_mix_fused, (z, gates, cores))
+
+
+@pytest.mark.parametrize("core_router", [True, False])
+def test_gradcheck_routed(core_router: bool) -> None:
+    z, x, w_core, w_input, cores = _inputs()
+    if core_router:
+        assert torch.autograd.gradcheck(
+            lambda z, w, c: kernels.routed_core_mix_fused(z, z, w, c)[0], (z, w_core, cores)
+        )
+    else:
+        fn = lambda z, x, w, c: kernels.routed_core_mix_fused(z, x, w, c)[0]  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (z, x, w_input, cores))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("core_router", [True, False])
+def test_routed_matches_eager(dtype: torch.dtype, tol: float, core_router: bool) -> None:
+    z, x, w_core, w_input, cores = _inputs(n=8, r=8, num_experts=4, k=16, dtype=dtype)
+    u, w = (z, w_core) if core_router else (x, w_input)
+    inputs = [z, w, cores] + ([] if core_router else [x])
+    results = []
+    for fn in (kernels.routed_core_mix_eager, kernels.routed_core_mix_fused):
+        mixed, probs = fn(z, u, w, cores)
+        assert probs.dtype == torch.float32 and mixed.dtype == dtype
+        grads = torch.autograd.grad(mixed, inputs, torch.ones_like(mixed))
+        results.append((mixed, probs, grads))
+    (m0, p0, g0), (m1, p1, g1) = results
+    torch.testing.assert_close(m1, m0, atol=tol, rtol=tol)
+    torch.testing.assert_close(p1, p0, atol=tol, rtol=tol)
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, atol=tol * 4, rtol=tol * 4)
+
+
+class _Proj(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def _model(kernel: str, **options) -> nn.Module:
+    torch.manual_seed(0)
+    config = comol.CoMoLConfig(
+        r=4, lora_alpha=8, num_experts=3, target_modules=["proj"], init_weights=False, **options
+    )
+    model = get_peft_model(_Proj(), config)
+    model.base_model.set_kernel(kernel)
+    return model
+
+
+@pytest.mark.parametrize("options", [{}, {"core_router": False}, {"router_top_k": 2}, {"aux_loss_coef": 0.1}])
+def test_layer_fused_equals_eager(options: dict) -> None:
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    outs = []
+    for kernel in ("eager", "fused"):
+        model = _model(kernel, **options)
+        seen = []
+        for layer in comol.mixture.mixture_layers(model).values():
+            layer.register_gate_hook(lambda *args, seen=seen: seen.append(args[2]))  # args[2]: probs
+        y = model(x)
+        loss = y.square().sum()
+        aux = comol.collect_aux_loss(model)
+        if aux is not None:
+            loss = loss + aux
+        grads = torch.autograd.grad(loss, [x, *(p for p in model.parameters() if p.requires_grad)])
+        outs.append((y, seen[0], grads))
+    torch.testing.assert_close(outs[1][0], outs[0][0])
+    torch.testing.assert_close(outs[1][1], outs[0][1])
+    for a, b in zip(outs[1][2], outs[0][2], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_fused_saves_less_than_eager() -> None:
+    x = torch.randn(64, 16, requires_grad=True)
+    saved = {}
+    for kernel in ("eager", "fused"):
+        model = _model(kernel)
+        with saved_tensor_bytes(exclude=model.parameters()) as s:
+            model(x)
+        saved[kernel] = s.bytes
+    # eager also keeps the float32 probs (N, E) and the expert outputs (N, E, r)
+    assert saved["eager"] - saved["fused"] >= 64 * 3 * 4 * 4
+
+
+def test_auto_picks_fused_on_cpu() -> None:
+    assert kernels.resolve_core_mix("auto", torch.zeros(1, 4)) == "fused"
+
+
+def test_fused_under_compile_and_checkpoint() -> None:
+    x = torch.randn(3, 16, requires_grad=True)
+    reference = _model("eager")
+    expected = torch.autograd.grad(reference(x).sum(), x)[0]
+    model = _model("fused")
+    compiled = torch.compile(model, backend="aot_eager")
+    torch.testing.assert_close(torch.autograd.grad(compiled(x).sum(), x)[0], expected)
+    out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], expected)

@@ -1,0 +1,54 @@
+"""``comol bench``: the memory helper and the structure of what the entry point writes (not timings)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from comol.bench.memory import saved_tensor_bytes
+from comol.cli import main
+
+
+def test_saved_tensor_bytes_counts_unique_storages_and_excludes_params() -> None:
+    lin = torch.nn.Linear(8, 4, bias=False)
+    x = torch.randn(5, 8, requires_grad=True)
+    with saved_tensor_bytes(exclude=lin.parameters()) as saved:
+        y = lin(x)  # saves x (weight grad) and the weight (input grad, excluded)
+        z = y * y  # saves y twice: one storage
+    assert saved.bytes == 5 * 8 * 4 + 5 * 4 * 4
+    assert saved.count >= 3
+    del z
+
+
+def test_saved_tensor_bytes_no_grad_saves_nothing() -> None:
+    with torch.no_grad(), saved_tensor_bytes() as saved:
+        torch.nn.Linear(4, 4)(torch.randn(2, 4))
+    assert saved.bytes == 0
+
+
+def test_bench_entry_point_writes_json_and_markdown(tmp_path) -> None:
+    md = tmp_path / "BENCH.md"
+    argv = ["bench", "--quick", "--shapes", "32x16", "--tokens", "8", "--ranks", "4", "--experts", "2", "8",
+            "--kernel-tokens", "16", "--repeats", "1", "--warmup", "0", "--no-model", "--threads", "1",
+            "--out-dir", str(tmp_path), "--markdown", str(md)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert {"command", "config", "environment", "kernels", "layers", "models", "targets"} <= set(result)
+    assert result["command"].startswith("comol bench")
+    variants = {row["variant"] for row in result["layers"]}
+    assert {"base", "lora", "comol", "comol (eager)", "comol w/o CR", "comol stacked"} <= variants
+    for row in result["layers"]:
+        assert "error" in row or {"median_s", "saved_bytes", "trainable_params"} <= set(row)
+    assert {row["impl"] for row in result["kernels"]} >= {"eager", "fused", "stacked"}
+    assert any(t["target"].startswith("CoMoL E=8 / LoRA") for t in result["targets"])
+    text = md.read_text()
+    for heading in (
+        "# Benchmarks",
+        "## Targets",
+        "## Layer level",
+        "## Routing + core mixing alone",
+        "## Plots",
+    ):
+        assert heading in text
+    assert (tmp_path / "layer_median_vs_experts.png").exists()
