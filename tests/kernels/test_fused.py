@@ -21,15 +21,21 @@ def _inputs(n: int = 6, r: int = 4, num_experts: int = 3, k: int = 5, dtype: tor
     return t(2, n // 2, r), t(2, n // 2, k), t(num_experts, r), t(num_experts, k), t(num_experts, r, r)
 
 
-def test_gradcheck_core_mix_fused() -> None:
-    z, _, _, _, cores = _inputs()
-    gates = torch.softmax(torch.randn(2, 3, 3, dtype=torch.float64), -1).requires_grad_()
+# E <= r mixes through the (N, E r) outer product, E > r through per-token merged cores: test both orders.
+EXPERTS = pytest.mark.parametrize("num_experts", [3, 7], ids=["E<=r", "E>r"])
+
+
+@EXPERTS
+def test_gradcheck_core_mix_fused(num_experts: int) -> None:
+    z, _, _, _, cores = _inputs(num_experts=num_experts)
+    gates = torch.softmax(torch.randn(2, 3, num_experts, dtype=torch.float64), -1).requires_grad_()
     assert torch.autograd.gradcheck(kernels.core_mix_fused, (z, gates, cores))
 
 
+@EXPERTS
 @pytest.mark.parametrize("core_router", [True, False])
-def test_gradcheck_routed(core_router: bool) -> None:
-    z, x, w_core, w_input, cores = _inputs()
+def test_gradcheck_routed(core_router: bool, num_experts: int) -> None:
+    z, x, w_core, w_input, cores = _inputs(num_experts=num_experts)
     if core_router:
         assert torch.autograd.gradcheck(
             lambda z, w, c: kernels.routed_core_mix_fused(z, z, w, c)[0], (z, w_core, cores)
@@ -39,10 +45,11 @@ def test_gradcheck_routed(core_router: bool) -> None:
         assert torch.autograd.gradcheck(fn, (z, x, w_input, cores))
 
 
+@pytest.mark.parametrize("num_experts", [4, 19], ids=["E<=r", "E>r"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("core_router", [True, False])
-def test_routed_matches_eager(dtype: torch.dtype, tol: float, core_router: bool) -> None:
-    z, x, w_core, w_input, cores = _inputs(n=8, r=8, num_experts=4, k=16, dtype=dtype)
+def test_routed_matches_eager(dtype: torch.dtype, tol: float, core_router: bool, num_experts: int) -> None:
+    z, x, w_core, w_input, cores = _inputs(n=8, r=8, num_experts=num_experts, k=16, dtype=dtype)
     u, w = (z, w_core) if core_router else (x, w_input)
     inputs = [z, w, cores] + ([] if core_router else [x])
     results = []

@@ -27,12 +27,19 @@ import torch
 
 
 def _mix(z: torch.Tensor, gates: torch.Tensor, cores: torch.Tensor) -> torch.Tensor:
-    """``(N, r), (N, E), (E, r, r) -> (N, r)``: ``sum_e g_e M_e z`` as one GEMM over ``K = E r``.
+    """``(N, r), (N, E), (E, r, r) -> (N, r)``: ``sum_e g_e M_e z``; the temporary is never saved.
 
-    ``m = (g ⊗ z) C`` with ``C[(e, i), o] = M_e[o, i]``; the ``(N, E r)`` outer product is a temporary of
-    the forward, never saved (it measured faster on CPU than a batched ``(1 x E) @ (E x r)`` per token).
+    Two orders with the same FLOPs (``2 N E r^2``), chosen by which temporary is smaller:
+
+    - ``E <= r``: ``m = (g ⊗ z) C`` with ``C[(e, i), o] = M_e[o, i]``, one GEMM over ``K = E r``
+      (temporary ``(N, E r)``);
+    - ``E > r``: each token's merged core ``g @ M`` ``(N, r, r)``, then a batched product with ``z``
+      (temporary ``(N, r^2)``, independent of ``E``).
     """
     num_experts, r_out, r_in = cores.shape
+    if num_experts > r_in:
+        merged = (gates @ cores.reshape(num_experts, r_out * r_in)).view(-1, r_out, r_in)  # (N, r, r)
+        return torch.bmm(merged, z.unsqueeze(2)).squeeze(2)
     outer = (gates.unsqueeze(2) * z.unsqueeze(1)).reshape(z.shape[0], num_experts * r_in)  # (N, E*r_in)
     return outer @ cores.transpose(1, 2).reshape(num_experts * r_in, r_out)
 
@@ -43,6 +50,14 @@ def _mix_backward(
     """Gradients of ``_mix`` w.r.t. ``z (N, r)``, ``gates (N, E)``, ``cores (E, r, r)``."""
     num_experts, r_out, r_in = cores.shape
     n = z.shape[0]
+    if num_experts > r_in:  # the merged-core order, recomputed
+        flat_cores = cores.reshape(num_experts, r_out * r_in)  # (E, r*r)
+        merged = (gates @ flat_cores).view(n, r_out, r_in)  # (N, r, r)
+        grad_z = torch.bmm(merged.transpose(1, 2), grad_m.unsqueeze(2)).squeeze(2)  # (N, r_in)
+        grad_merged = (grad_m.unsqueeze(2) * z.unsqueeze(1)).reshape(n, r_out * r_in)  # (N, r*r)
+        grad_gates = grad_merged @ flat_cores.t()  # (N, E)
+        grad_cores = (gates.t() @ grad_merged).view(num_experts, r_out, r_in)  # (E, r_out, r_in)
+        return grad_z, grad_gates, grad_cores
     # (N, E, r_in): M_e^T dm per expert, one matmul over the stacked cores
     back = (grad_m @ cores.permute(1, 0, 2).reshape(r_out, num_experts * r_in)).view(n, num_experts, r_in)
     grad_z = torch.bmm(gates.unsqueeze(1), back).squeeze(1)  # (N, r_in)

@@ -1,0 +1,477 @@
+"""Typed configuration of a training run: YAML files plus ``key=value`` overrides.
+
+A run is described by one :class:`TrainConfig` with four sections, each a dataclass whose fields are
+documented (the documentation is what ``comol train --help`` prints) and cross-checked in
+``__post_init__``::
+
+    model:    which causal LM to load and in which dtype
+    data:     where the LLM-Adapters records come from and how they are rendered and tokenised
+    adapter:  the method (any name of :func:`comol.methods.method_names`) and its hyperparameters
+    train:    optimiser, schedule, batch sizes, logging, evaluation and checkpointing
+
+A YAML file may start from another one with a top-level ``base: other.yaml`` key (path relative to the
+file); the file's own keys are merged over the base's, section by section. Overrides such as
+``train.learning_rate=1e-4`` or ``adapter.options.num_experts=4`` are applied last. Unknown keys are an
+error everywhere except inside ``adapter.options``, which is handed to the method's config class, which
+rejects the keys it does not know.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from comol.data.prompts import TEMPLATES
+
+DTYPES: tuple[str, ...] = ("bf16", "fp16", "fp32")
+TRAINERS: tuple[str, ...] = ("transformers", "trl")
+LONG_PROMPT_POLICIES: tuple[str, ...] = ("error", "drop")
+BASE_KEY = "base"
+
+
+@dataclass
+class ModelConfig:
+    """The base model to fine-tune."""
+
+    name_or_path: str = field(
+        default="", metadata={"help": "Hub id or local directory of a causal LM (required)."}
+    )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "File name of a GGUF checkpoint inside `name_or_path`; it is de-quantised on load."
+        },
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    dtype: str = field(
+        default="bf16",
+        metadata={
+            "help": "Precision: bf16 or fp16 (base weights in that dtype, adapters in float32 under autocast) "
+            "or fp32."
+        },
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "transformers attention backend (eager, sdpa, ...); None: its default."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {DTYPES}, got {self.dtype!r}.")
+
+
+@dataclass
+class DataConfig:
+    """Training data in the LLM-Adapters format: records with ``instruction``, ``input``, ``output``."""
+
+    train: str = field(
+        default="",
+        metadata={"help": "Training records: a local .json/.jsonl file or a `datasets` hub id (required)."},
+    )
+    train_split: str = field(default="train", metadata={"help": "Split to read when `train` is a hub id."})
+    validation: str | None = field(
+        default=None, metadata={"help": "Validation records (file or hub id); None: hold out `val_size`."}
+    )
+    validation_split: str = field(
+        default="train", metadata={"help": "Split to read when `validation` is a hub id."}
+    )
+    val_size: float = field(
+        default=0.0,
+        metadata={
+            "help": "Held out from `train` for the evaluation loss when `validation` is None: a fraction if "
+            "< 1, a number of records if >= 1, 0 for no validation."
+        },
+    )
+    template: str = field(
+        default="alpaca",
+        metadata={"help": "Prompt template: alpaca (the paper's LLM-Adapters setup) or chat (tokenizer's)."},
+    )
+    response_only_loss: bool = field(
+        default=True, metadata={"help": "Compute the loss on the response tokens only (prompt masked)."}
+    )
+    max_length: int = field(
+        default=256, metadata={"help": "Truncate prompt + response + EOS to this many tokens."}
+    )
+    long_prompts: str = field(
+        default="error",
+        metadata={
+            "help": "Records whose prompt alone reaches `max_length`: error, or drop them with a warning."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N training records (after the validation split)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N validation records."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ValueError(f"data.template must be one of {TEMPLATES}, got {self.template!r}.")
+        if self.long_prompts not in LONG_PROMPT_POLICIES:
+            raise ValueError(
+                f"data.long_prompts must be one of {LONG_PROMPT_POLICIES}, got {self.long_prompts!r}."
+            )
+        if self.max_length < 2:
+            raise ValueError(f"data.max_length must be at least 2, got {self.max_length}.")
+        if self.val_size < 0 or (self.val_size >= 1 and self.val_size != int(self.val_size)):
+            raise ValueError(
+                f"data.val_size must be a fraction in [0, 1) or a whole count, got {self.val_size}."
+            )
+        if self.validation is not None and self.val_size > 0:
+            raise ValueError("Give either data.validation or data.val_size, not both.")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"data.{name} must be positive or null, got {value}.")
+
+
+@dataclass
+class AdapterConfig:
+    """The adapter method and its hyperparameters (validated by the method's own config class)."""
+
+    method: str = field(
+        default="comol", metadata={"help": "Method name: lora, comol, molora, ... (see `comol params`)."}
+    )
+    r: int = field(default=8, metadata={"help": "LoRA rank r (per expert for mixture methods)."})
+    lora_alpha: float | None = field(
+        default=None,
+        metadata={"help": "Scaling numerator alpha (update scaled by alpha / r); None: alpha = r."},
+    )
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Module name suffixes to adapt, e.g. [q_proj, v_proj]; None: the architecture's default "
+            "(q, k, v, o, down projections for Llama/Qwen-style models, as in the paper)."
+        },
+    )
+    options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Any further option of the method's config, e.g. {num_experts: 8, lora_dropout: 0.05}; "
+            "unknown options are rejected by the method."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"adapter.r must be positive, got {self.r}.")
+        reserved = {"r", "lora_alpha", "target_modules", "task_type"} & set(self.options)
+        if reserved:
+            raise ValueError(f"Set {sorted(reserved)} directly under adapter:, not in adapter.options.")
+
+    @property
+    def alpha(self) -> float:
+        """The effective ``lora_alpha`` (``r`` when unset)."""
+        return float(self.r) if self.lora_alpha is None else self.lora_alpha
+
+    def build(self, target_modules: list[str] | None = None) -> Any:
+        """The method's peft config (raises ``ValueError`` for an unknown method or option).
+
+        Args:
+            target_modules: overrides ``self.target_modules`` (e.g. the architecture default).
+        """
+        from comol.methods import build_config, config_fields
+
+        kwargs: dict[str, Any] = {"r": self.r, "lora_alpha": self.alpha, **self.options}
+        modules = target_modules if target_modules is not None else self.target_modules
+        if modules is not None:
+            kwargs["target_modules"] = list(modules)
+        if "task_type" in config_fields(self.method):
+            kwargs["task_type"] = "CAUSAL_LM"
+        alpha = kwargs["lora_alpha"]
+        if isinstance(alpha, float) and alpha.is_integer():
+            kwargs["lora_alpha"] = int(alpha)
+        return build_config(self.method, **kwargs)
+
+
+@dataclass
+class OptimConfig:
+    """Optimisation, schedule, logging, evaluation and checkpointing (mapped onto ``TrainingArguments``)."""
+
+    output_dir: str = field(
+        default="runs/comol", metadata={"help": "Run directory: checkpoints, logs, config, final adapter."}
+    )
+    num_epochs: float = field(default=1.0, metadata={"help": "Passes over the training data."})
+    max_steps: int = field(
+        default=-1, metadata={"help": "Stop after this many optimiser steps; -1: use num_epochs."}
+    )
+    micro_batch_size: int = field(default=4, metadata={"help": "Sequences per device per forward pass."})
+    gradient_accumulation_steps: int = field(
+        default=4,
+        metadata={"help": "Micro-batches per optimiser step (global batch = micro x accum x devices)."},
+    )
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate."})
+    lr_scheduler: str = field(
+        default="linear",
+        metadata={"help": "transformers scheduler name: linear, cosine, constant_with_warmup, constant, ..."},
+    )
+    warmup_steps: int = field(
+        default=0, metadata={"help": "Linear warm-up steps (takes precedence over ratio)."}
+    )
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Warm-up as a fraction of all steps."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Gradient clipping norm; 0 disables clipping."}
+    )
+    optim: str = field(default="adamw_torch", metadata={"help": "transformers optimiser name."})
+    seed: int = field(
+        default=42, metadata={"help": "Seed of adapter initialisation, data order and dropout."}
+    )
+    logging_steps: int = field(
+        default=10, metadata={"help": "Log loss, lr, tokens/s and router statistics every N steps."}
+    )
+    eval_steps: int | None = field(
+        default=None, metadata={"help": "Evaluation loss every N steps; None: at the end of each epoch."}
+    )
+    save_steps: int | None = field(
+        default=200, metadata={"help": "Checkpoint every N steps; None: at the end of each epoch."}
+    )
+    save_total_limit: int | None = field(
+        default=2, metadata={"help": "Keep at most N checkpoints; None: all."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations to save memory."}
+    )
+    report_to: list[str] = field(
+        default_factory=lambda: ["tensorboard"], metadata={"help": "Loggers: tensorboard, wandb, ... or []."}
+    )
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Data loader worker processes."})
+    trainer: str = field(
+        default="transformers", metadata={"help": "transformers (Trainer) or trl (TRL's SFTTrainer)."}
+    )
+    disable_tqdm: bool = field(
+        default=False, metadata={"help": "Hide the progress bar (logs still printed)."}
+    )
+
+    def __post_init__(self) -> None:
+        from transformers.trainer_utils import SchedulerType
+
+        schedulers = sorted(s.value for s in SchedulerType)
+        if self.lr_scheduler not in schedulers:
+            raise ValueError(f"train.lr_scheduler must be one of {schedulers}, got {self.lr_scheduler!r}.")
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"train.trainer must be one of {TRAINERS}, got {self.trainer!r}.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"train.learning_rate must be positive, got {self.learning_rate}.")
+        if self.micro_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("train.micro_batch_size and train.gradient_accumulation_steps must be >= 1.")
+        if self.max_steps <= 0 and self.max_steps != -1:
+            raise ValueError(f"train.max_steps must be positive or -1, got {self.max_steps}.")
+        if self.max_steps == -1 and self.num_epochs <= 0:
+            raise ValueError("Set train.num_epochs > 0 or train.max_steps > 0.")
+        if not 0 <= self.warmup_ratio < 1 or self.warmup_steps < 0:
+            raise ValueError("train.warmup_ratio must be in [0, 1) and train.warmup_steps >= 0.")
+        for name in ("logging_steps", "eval_steps", "save_steps", "save_total_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"train.{name} must be positive or null, got {value}.")
+        if not self.output_dir:
+            raise ValueError("train.output_dir must not be empty.")
+
+
+@dataclass
+class TrainConfig:
+    """A complete training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The base model."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "The training data."})
+    adapter: AdapterConfig = field(default_factory=AdapterConfig, metadata={"help": "The adapter method."})
+    train: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "The optimisation."})
+
+    def __post_init__(self) -> None:
+        if not self.model.name_or_path:
+            raise ValueError("model.name_or_path is required (a hub id or a local directory).")
+        if not self.data.train:
+            raise ValueError("data.train is required (a .json/.jsonl file or a datasets hub id).")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML-serialisable) of every resolved field."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML, loadable again with :func:`load_config`."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate_method(self) -> None:
+        """Build the adapter's peft config once, so that a bad method or option fails before any loading."""
+        self.adapter.build()
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> TrainConfig:
+    """Resolve a :class:`TrainConfig` from a YAML file (optional) and ``key=value`` overrides.
+
+    Args:
+        path: YAML file; it may name a ``base`` file to start from.
+        overrides: strings ``section.key=value`` with YAML values, e.g. ``train.max_steps=10``,
+            ``adapter.target_modules=[q_proj,v_proj]``, ``adapter.options.num_experts=4``.
+
+    Returns:
+        The resolved, validated config.
+
+    Raises:
+        ValueError: unknown keys, wrong types, bad values or missing required fields.
+    """
+    raw: dict[str, Any] = read_yaml(Path(path)) if path is not None else {}
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    return from_dict(TrainConfig, raw)
+
+
+def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config file, merging it over its ``base`` file if it names one."""
+    path = path.resolve()
+    if path in _seen:
+        raise ValueError(f"Config files include each other in a cycle: {[str(p) for p in (*_seen, path)]}")
+    if not path.is_file():
+        raise ValueError(f"Config file {path} does not exist.")
+    with path.open() as handle:
+        data = yaml.safe_load(handle) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"Config file {path} must contain a mapping at the top level.")
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    return _deep_merge(read_yaml(path.parent / str(base), (*_seen, path)), data)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``key=value`` and parse the value as YAML (``1e-4`` becomes a float, ``[a,b]`` a list)."""
+    key, sep, text = item.partition("=")
+    key = key.strip().lstrip("-")
+    if not sep or not key:
+        raise ValueError(f"Override {item!r} is not of the form section.key=value.")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as err:
+        raise ValueError(f"Cannot parse the value of override {item!r}: {err}") from err
+    return key, value
+
+
+def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested mapping, rejecting unknown keys and coercing values."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    unknown = [key for key in data if key not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+        known = ", ".join(prefix + f for f in fields)
+        raise ValueError(f"Unknown config key '{prefix}{key}'.{hint} Known keys: {known}.")
+    kwargs = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = from_dict(kind, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, kind, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def describe(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """``(key, type, default, help)`` for every field, nested sections flattened with dots."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            rows.extend(describe(kind, f"{prefix}{f.name}."))
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        rows.append((prefix + f.name, _type_name(kind), repr(default), f.metadata.get("help", "")))
+    return rows
+
+
+def _type_name(kind: Any) -> str:
+    return str(kind).replace("typing.", "") if not isinstance(kind, type) else kind.__name__
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``kind``; convert where the intent is unambiguous."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0] if errors else f"{key} must not be null.")
+    if kind is Any:
+        return value
+    if origin is list:
+        (item_kind,) = typing.get_args(kind)
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{key} must be a list, got {value!r}.")
+        return [_coerce(item, item_kind, f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{key} must be a mapping, got {value!r}.")
+        return dict(value)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key} must be true or false, got {value!r}.")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"{key} must be an integer, got {value!r}.")
+    if kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{key} must be a number, got {value!r}.")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"{key} must be a string, got {value!r}.")
+    raise TypeError(f"Unsupported config type {kind!r} for {key}.")  # pragma: no cover - programming error
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"Cannot set {key!r}: {'.'.join(parts[: i + 1])!r} is not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged

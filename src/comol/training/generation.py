@@ -1,0 +1,111 @@
+"""Greedy batched generation and "The answer is N" accuracy, small enough for the demo.
+
+The full benchmark evaluation lives in :mod:`comol.evaluation`; this module only serves ``comol demo``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from comol.data.prompts import render_prompt
+
+logger = logging.getLogger(__name__)
+
+_ANSWER_RE = re.compile(r"answer is\s*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE)
+# A finished integer answer: "answer is 42" followed by anything but a digit (demo problems are integers).
+_FINISHED_RE = re.compile(r"answer is\s*\$?\s*-?\d[\d,]*[^\d,]", re.IGNORECASE)
+
+
+def extract_answer(text: str) -> str | None:
+    """The number after the first "The answer is" in ``text`` (commas removed), or None."""
+    match = _ANSWER_RE.search(text)
+    if match is None:
+        return None
+    number = match.group(1).replace(",", "")
+    if "." in number:
+        number = number.rstrip("0").rstrip(".")
+    return number
+
+
+@torch.no_grad()
+def generate_responses(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[Mapping[str, Any]],
+    template: str = "alpaca",
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+) -> list[str]:
+    """Greedy completions of the prompts of ``records``, decoded without special tokens.
+
+    Prompts are rendered and tokenised exactly as in training (:func:`comol.training.data.tokenize_record`)
+    and left-padded so that every row continues right after its prompt.
+    """
+    was_training = model.training
+    model.eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    responses: list[str] = []
+    try:
+        # Shortest prompts first keeps padding low; results are put back in order.
+        prompts = [
+            tokenizer(render_prompt(r, template, tokenizer), add_special_tokens=template == "alpaca")[
+                "input_ids"
+            ]
+            for r in records
+        ]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out: dict[int, str] = {}
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            longest = max(len(prompts[i]) for i in rows)
+            input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+            for j, i in enumerate(rows):
+                ids = prompts[i]
+                input_ids[j, longest - len(ids) :] = torch.as_tensor(ids)
+                attention_mask[j, longest - len(ids) :] = 1
+            generated = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+                eos_token_id=tokenizer.eos_token_id,
+                stopping_criteria=StoppingCriteriaList([_AnswerGiven(tokenizer, longest)]),
+            )
+            for j, i in enumerate(rows):
+                out[i] = tokenizer.decode(generated[j, longest:], skip_special_tokens=True)
+        responses = [out[i] for i in range(len(records))]
+    finally:
+        model.train(was_training)
+    return responses
+
+
+class _AnswerGiven(StoppingCriteria):
+    """Stops a row once its continuation states "The answer is N" (saves decoding rambling base models)."""
+
+    def __init__(self, tokenizer: Any, prompt_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        done = [_FINISHED_RE.search(text) is not None for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def answer_accuracy(responses: Sequence[str], records: Sequence[Mapping[str, Any]]) -> float:
+    """Fraction of responses whose extracted answer equals the record's ``answer``."""
+    if not records:
+        raise ValueError("No records to score.")
+    correct = sum(
+        extract_answer(text) == str(r["answer"]) for text, r in zip(responses, records, strict=True)
+    )
+    return correct / len(records)
