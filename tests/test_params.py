@@ -23,7 +23,7 @@ from comol.params import (
 
 from conftest import tiny_config
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "readme" / "params.md"
+DOC = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_doc_table_is_the_generated_one(table):
     text = DOC.read_text()
     start, end = "<!-- paper-table:start -->\n", "<!-- paper-table:end -->"
     assert text.split(start, 1)[1].split(end, 1)[0] == paper_table_markdown(table), (
-        "docs/readme/params.md is stale: run python -m comol.params --paper-table --output docs/readme/params.md"
+        "the README parameter table is stale: run python -m comol.params --paper-table --output README.md"
     )
 
 

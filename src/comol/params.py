@@ -10,7 +10,7 @@ any transformers ``config.json`` works as well.
 
 The module also keeps the "Param" columns of the paper's Tables 2-5 (:data:`PAPER_ROWS`) with the settings
 that reproduce them; ``python -m comol.params --paper-table`` writes the Markdown table of
-``docs/readme/params.md`` and ``tests/test_params.py`` checks every row.
+``README.md`` and ``tests/test_params.py`` checks every row.
 """
 
 from __future__ import annotations
@@ -473,7 +473,7 @@ def paper_table(rows: Iterable[PaperRow] = PAPER_ROWS, by_depth: bool = False) -
 
 
 def paper_table_markdown(results: list[dict[str, Any]]) -> str:
-    """The Markdown table of ``docs/readme/params.md`` from :func:`paper_table`'s results."""
+    """The Markdown table of ``README.md`` from :func:`paper_table`'s results."""
     lines = [
         "| Table | Model | Row | Method and settings | Paper | Ours | Match | Note |",
         "|---|---|---|---|---:|---:|:---:|---|",

@@ -19,7 +19,7 @@ is zero at init, so the adapted model starts as the base model. With the CoMoL p
 q/k/v/o/down) this gives 22.81M trainable parameters on Qwen3-8B and 22.02M on Llama-3.1-8B; the paper
 prints 27.00M and 26.74M, exactly ``r (d_ff + d)`` more, i.e. one more encoder/decoder pair of the down
 projection's shape. No sharing scheme we could justify from the DenseLoRA paper gives that, so we keep
-one pair per module kind and report the difference (``docs/readme/params.md``).
+one pair per module kind and report the difference (the README's parameter table).
 """
 
 from __future__ import annotations
