@@ -1,6 +1,6 @@
-"""Greedy batched generation and "The answer is N" accuracy, small enough for the demo.
-
-The full benchmark evaluation lives in :mod:`comol.evaluation`; this module only serves ``comol demo``.
+"""Greedy batched generation for ``comol demo``: prompts tokenised exactly as in training, and decoding
+stopped as soon as a row has stated "The answer is N" (the untuned base model otherwise rambles to the
+token limit on a CPU). Scoring is :mod:`comol.evaluation.math`'s, the one ``comol eval math`` uses.
 """
 
 from __future__ import annotations
@@ -14,23 +14,12 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from comol.data.prompts import render_prompt
+from comol.evaluation.math import extract_number, is_correct, parse_gold
 
 logger = logging.getLogger(__name__)
 
-_ANSWER_RE = re.compile(r"answer is\s*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE)
 # A finished integer answer: "answer is 42" followed by anything but a digit (demo problems are integers).
 _FINISHED_RE = re.compile(r"answer is\s*\$?\s*-?\d[\d,]*[^\d,]", re.IGNORECASE)
-
-
-def extract_answer(text: str) -> str | None:
-    """The number after the first "The answer is" in ``text`` (commas removed), or None."""
-    match = _ANSWER_RE.search(text)
-    if match is None:
-        return None
-    number = match.group(1).replace(",", "")
-    if "." in number:
-        number = number.rstrip("0").rstrip(".")
-    return number
 
 
 @torch.no_grad()
@@ -102,10 +91,12 @@ class _AnswerGiven(StoppingCriteria):
 
 
 def answer_accuracy(responses: Sequence[str], records: Sequence[Mapping[str, Any]]) -> float:
-    """Fraction of responses whose extracted answer equals the record's ``answer``."""
+    """Fraction of responses whose answer matches the record's ``answer``, scored exactly as
+    ``comol eval math`` scores (:func:`comol.evaluation.math.extract_number` and ``is_correct``)."""
     if not records:
         raise ValueError("No records to score.")
     correct = sum(
-        extract_answer(text) == str(r["answer"]) for text, r in zip(responses, records, strict=True)
+        is_correct(extract_number(text), parse_gold(r["answer"]))
+        for text, r in zip(responses, records, strict=True)
     )
     return correct / len(records)
