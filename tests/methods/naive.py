@@ -25,6 +25,24 @@ def _per_token(layer: MixtureLayer, x: torch.Tensor, delta) -> torch.Tensor:
     return layer.get_base_layer()(x) + torch.stack(rows).reshape(*x.shape[:-1], -1)
 
 
+def comol(layer: MixtureLayer, x: torch.Tensor, name: str = "default") -> torch.Tensor:
+    """This paper, Eq. 12 and 14-15: ``h = W x + s sum_i g_i B M_i A x``, with ``g = softmax(W_g A x)``
+    (core-space routing) or ``softmax(W_g x)`` (w/o CR); top-k keeps the k largest gates, renormalised."""
+    cfg = layer.adapter_config[name]
+    A, B = layer.comol_A[name].weight, layer.comol_B[name].weight  # (r, d_in), (d_out, r)
+    M, Wg = layer.comol_cores[name], layer.comol_router[name].weight  # (E, r, r), (E, r or d_in)
+
+    def delta(token):
+        x_hat = A @ token
+        g = torch.softmax(Wg @ (x_hat if cfg.core_router else token), dim=-1)
+        if cfg.router_top_k is not None:
+            keep = g.topk(cfg.router_top_k).indices
+            g = torch.zeros_like(g).index_copy(0, keep, g[keep] / g[keep].sum())
+        return cfg.lora_alpha / cfg.r * sum(g[i] * (B @ M[i] @ A @ token) for i in range(M.shape[0]))
+
+    return _per_token(layer, x, delta)
+
+
 def molora(layer: MixtureLayer, x: torch.Tensor, name: str = "default") -> torch.Tensor:
     """Zadouri et al. 2023: ``h = W x + s sum_i g_i B_i A_i x``, ``g = softmax(W_g x)``."""
     A, B, Wg, s = _weights(layer, name)

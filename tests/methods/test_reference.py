@@ -16,6 +16,9 @@ from conftest import randomize_adapter, tiny_model
 
 # (method, extra config options, naive reference)
 REFERENCES = [
+    ("comol", {}, naive.comol),
+    ("comol", {"core_router": False}, naive.comol),
+    ("comol", {"router_top_k": 2}, naive.comol),
     ("molora", {}, naive.molora),
     ("hydralora", {}, naive.hydralora),
     ("mola", {"router_top_k": 2}, naive.mola),
