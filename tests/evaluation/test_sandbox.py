@@ -176,7 +176,7 @@ def test_network_is_blocked(sandbox) -> None:
 
 def test_fallback_without_namespaces_still_contains(sentinel: Path) -> None:
     """``isolation='none'`` (as on machines without unshare) keeps limits, uid drop and the tree kill."""
-    with Sandbox(SandboxLimits(timeout_s=2, cpu_s=2), workers=1, isolation="none") as box:
+    with Sandbox(SandboxLimits(timeout_s=2, cpu_s=20), workers=1, isolation="none") as box:
         assert box.protection["namespaces"] is False
         loop, bomb, ok, _daemon = box.map(
             [
