@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from comol.mixture.routing import softmax_f32
+
 
 def _mix(z: torch.Tensor, gates: torch.Tensor, cores: torch.Tensor) -> torch.Tensor:
     """``(N, r), (N, E), (E, r, r) -> (N, r)``: ``sum_e g_e M_e z``; the temporary is never saved.
@@ -65,11 +67,6 @@ def _mix_backward(
     weighted = (gates.unsqueeze(2) * grad_m.unsqueeze(1)).reshape(n, num_experts * r_out)  # (N, E*r_out)
     grad_cores = (weighted.t() @ z).view(num_experts, r_out, r_in)  # (E, r_out, r_in)
     return grad_z, grad_gates, grad_cores
-
-
-def _softmax_f32(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over ``E`` in float32 (float64 stays float64, for ``gradcheck``)."""
-    return torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -115,7 +112,7 @@ class _RoutedCoreMix(torch.autograd.Function):
         z: torch.Tensor, router_input: torch.Tensor, router_weight: torch.Tensor, cores: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         zf, uf = _flat(z), _flat(router_input)
-        probs = _softmax_f32(uf @ router_weight.t())  # (N, E) float32
+        probs = softmax_f32(uf @ router_weight.t())  # (N, E) float32
         mixed = _mix(zf, probs.to(z.dtype), cores)  # (N, r)
         lead = z.shape[:-1]
         return mixed.view(*lead, cores.shape[1]), probs.view(*lead, cores.shape[0])
@@ -133,7 +130,7 @@ class _RoutedCoreMix(torch.autograd.Function):
         z, router_input, router_weight, cores = ctx.saved_tensors
         zf, uf = _flat(z), _flat(router_input)
         logits = uf @ router_weight.t()  # (N, E), recomputed
-        probs = _softmax_f32(logits)  # (N, E) float32
+        probs = softmax_f32(logits)  # (N, E) float32
         grad_z, grad_gates, grad_cores = _mix_backward(
             zf, probs.to(z.dtype), cores, _flat(grad_m).to(z.dtype)
         )

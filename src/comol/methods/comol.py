@@ -118,9 +118,9 @@ class CoMoLLayer(MixtureLayer):
                 z, z if config.core_router else x, router.weight, self.comol_cores[adapter_name], impl=impl
             )  # (..., r), (..., E)
             self.observe_routing(adapter_name, probs, probs)
-            return self.comol_B[adapter_name](mixed) * self.scaling[adapter_name]
-        gates = self.route(adapter_name, x, z)  # (..., E)
-        mixed = kernels.core_mix(z, gates, self.comol_cores[adapter_name], impl=impl)  # (..., r)
+        else:
+            gates = self.route(adapter_name, x, z)  # (..., E)
+            mixed = kernels.core_mix(z, gates, self.comol_cores[adapter_name], impl=impl)  # (..., r)
         return self.comol_B[adapter_name](mixed) * self.scaling[adapter_name]
 
     def static_gates(self, adapter_name: str) -> torch.Tensor | None:

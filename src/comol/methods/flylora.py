@@ -16,8 +16,9 @@ step it moves each rank towards the mean load::
     b_i <- b_i + u * sign(mean(c) - c_i)
 
 This update is deterministic and invariant to counting a batch twice (gradient-checkpointing
-recomputation doubles every ``c_i`` and ``mean(c)`` alike). Call it with
-:func:`register_bias_updates` (an optimizer step hook) or :meth:`FlyLoRAModel.update_balancing_bias`.
+recomputation doubles every ``c_i`` and ``mean(c)`` alike). It runs in :meth:`FlyLoRALayer.after_optimizer_step`:
+call :func:`comol.mixture.after_optimizer_step` after each step, or register it once with
+:func:`comol.mixture.register_step_hooks` (``comol train`` does).
 
 ``A`` and ``b`` are buffers: saved with the adapter (so a reloaded adapter selects exactly the same ranks)
 but never trainable. Trainable parameters per layer: ``d_out * r`` only; with ``r = 32`` that is what
@@ -39,7 +40,7 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
-from comol.mixture import MixtureConfig, MixtureLayer, MixtureModel, after_optimizer_step, register_method
+from comol.mixture import MixtureConfig, MixtureLayer, MixtureModel, register_method
 from comol.mixture.registration import ComolPeftType
 
 
@@ -210,11 +211,6 @@ class FlyLoRAModel(MixtureModel):
 
     prefix = "flylora_"
     tuner_layer_cls = FlyLoRALayer
-
-
-def update_balancing_bias(model: nn.Module) -> None:
-    """Apply the FlyLoRA bias update in every FlyLoRA layer of ``model`` (alias of ``after_optimizer_step``)."""
-    after_optimizer_step(model)
 
 
 register_method("flylora", FlyLoRAConfig, FlyLoRAModel)
