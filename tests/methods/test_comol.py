@@ -22,6 +22,12 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
 naive_comol = naive.comol
 
 
+def llama_comol(dtype: torch.dtype = torch.float32, base: nn.Module | None = None):
+    """The tests' default CoMoL adapter (r=4, alpha=8, 3 experts, the paper's targets) on a tiny Llama."""
+    config = CoMoLConfig(r=4, lora_alpha=8, num_experts=3, target_modules=TARGETS)
+    return get_peft_model(base if base is not None else tiny_model("llama", dtype=dtype), config)
+
+
 class Wrapper(nn.Module):
     def __init__(self, d_in: int = 12, d_out: int = 10) -> None:
         super().__init__()
@@ -146,9 +152,7 @@ def test_only_comol_params_train_and_count_matches_formula(input_ids):
 
 
 def test_save_reload_bit_identical_and_adapter_config(tmp_path, input_ids):
-    model = get_peft_model(
-        tiny_model("llama"), CoMoLConfig(r=4, lora_alpha=8, num_experts=3, target_modules=TARGETS)
-    )
+    model = llama_comol()
     randomize_adapter(model)
     with torch.no_grad():
         expected = model(input_ids).logits
@@ -163,9 +167,7 @@ def test_save_reload_bit_identical_and_adapter_config(tmp_path, input_ids):
 
 
 def test_transformers_load_adapter(tmp_path, input_ids):
-    model = get_peft_model(
-        tiny_model("llama"), CoMoLConfig(r=4, lora_alpha=8, num_experts=3, target_modules=TARGETS)
-    )
+    model = llama_comol()
     randomize_adapter(model)
     with torch.no_grad():
         expected = model(input_ids).logits
@@ -180,7 +182,7 @@ def test_several_adapters_switch_delete_and_unload(tmp_path, input_ids):
     base = tiny_model("llama")
     with torch.no_grad():
         base_out = base(input_ids).logits
-    model = get_peft_model(base, CoMoLConfig(r=4, lora_alpha=8, num_experts=3, target_modules=TARGETS))
+    model = llama_comol(base=base)
     randomize_adapter(model, seed=1)
     model.add_adapter("other", CoMoLConfig(r=2, lora_alpha=2, num_experts=5, target_modules=TARGETS))
     model.set_adapter("other")
@@ -206,10 +208,7 @@ def test_several_adapters_switch_delete_and_unload(tmp_path, input_ids):
 
 
 def test_bf16_base_with_fp32_adapter_and_autocast(input_ids):
-    model = get_peft_model(
-        tiny_model("llama", dtype=torch.bfloat16),
-        CoMoLConfig(r=4, lora_alpha=8, num_experts=3, target_modules=TARGETS),
-    )
+    model = llama_comol(torch.bfloat16)
     layer = next(iter(mixture_layers(model).values()))
     assert layer.comol_cores["default"].dtype == torch.float32
     assert layer.get_base_layer().weight.dtype == torch.bfloat16
@@ -225,9 +224,7 @@ def test_bf16_base_with_fp32_adapter_and_autocast(input_ids):
 
 
 def test_merge_refused_for_mixtures_exact_for_one_expert(input_ids):
-    model = get_peft_model(
-        tiny_model("llama"), CoMoLConfig(r=4, lora_alpha=8, num_experts=3, target_modules=TARGETS)
-    )
+    model = llama_comol()
     randomize_adapter(model)
     with torch.no_grad():
         before = model(input_ids).logits
@@ -268,10 +265,7 @@ def test_gpt2_conv1d_matches_formula_and_merges(input_ids):
 
 
 def test_export_lora_is_exact_for_frozen_gates(tmp_path, input_ids):
-    model = get_peft_model(
-        tiny_model("llama", dtype=torch.float64),
-        CoMoLConfig(r=4, lora_alpha=8, num_experts=3, target_modules=TARGETS),
-    )
+    model = llama_comol(torch.float64)
     randomize_adapter(model)
     batches = [{"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}]
     gates = comol.calibrate_gates(model, batches)
@@ -345,9 +339,7 @@ def test_aux_loss_once_per_layer_with_gradient_checkpointing(input_ids):
 
 def test_gradient_checkpointing_gives_same_gradients(input_ids):
     def grads(checkpointing: bool):
-        model = get_peft_model(
-            tiny_model("llama"), CoMoLConfig(r=4, lora_alpha=8, num_experts=3, target_modules=TARGETS)
-        )
+        model = llama_comol()
         randomize_adapter(model)
         model.train()
         if checkpointing:
@@ -365,9 +357,7 @@ def test_gradient_checkpointing_gives_same_gradients(input_ids):
 
 @pytest.mark.slow
 def test_torch_compile(input_ids):
-    model = get_peft_model(
-        tiny_model("llama"), CoMoLConfig(r=4, lora_alpha=8, num_experts=3, target_modules=TARGETS)
-    )
+    model = llama_comol()
     randomize_adapter(model)
     with torch.no_grad():
         expected = model(input_ids).logits
