@@ -37,4 +37,12 @@ CASES: list[Case] = [
     Case("flylora-dense-qwen3", "flylora", {"top_k": 4}, "qwen3"),
     Case("denselora", "denselora"),
     Case("denselora-identity-gpt2", "denselora", {"activation": "identity", "target_modules": None}, "gpt2"),
+    Case("sparsemoa", "sparsemoa"),
+    Case("sparsemoa-qwen3", "sparsemoa", {"parallel_adapter_size": 8}, "qwen3"),
+    Case(
+        "sparsemoa-soft-linear-router-gpt2",
+        "sparsemoa",
+        {"sparse": False, "router_hidden_factor": 0, "target_modules": None},
+        "gpt2",
+    ),
 ]

@@ -117,3 +117,53 @@ def smear(layer: MixtureLayer, x: torch.Tensor, mask: torch.Tensor | None = None
         B_ins = sum(g[i] * B[i] for i in range(len(g)))
         out.append(torch.stack([s * (B_ins @ (A_ins @ t)) for t in tokens]))
     return layer.get_base_layer()(x) + torch.stack(out).reshape(*x.shape[:-1], -1)
+
+
+def sparsemoa_gates(block, u: torch.Tensor, name: str = "default") -> torch.Tensor:
+    """Cao et al. 2025 (MoA), Sparse MoA: gates ``(E,)`` of one token from the block's router input ``u (d,)``.
+
+    ``p = sigmoid(W_3 (silu(W_1 u + b_1) * (W_2 u + b_2)) + b_3)`` (or ``sigmoid(W u + b)`` for a linear
+    router), ``tau = tau_max sigmoid(w . u + b)``, ``g_e = p_e if p_e >= tau else 0`` (``g = p`` for Soft MoA).
+    """
+    cfg = block.adapter_config[name]
+    down = block.sparsemoa_router_down[name]
+    if cfg.router_hidden_factor:
+        gate, up = block.sparsemoa_router_gate[name], block.sparsemoa_router_up[name]
+        hidden = [
+            torch.nn.functional.silu(gate.weight[j] @ u + gate.bias[j]) * (up.weight[j] @ u + up.bias[j])
+            for j in range(gate.weight.shape[0])
+        ]
+        logits = [
+            sum(down.weight[e, j] * hidden[j] for j in range(len(hidden))) + down.bias[e]
+            for e in range(len(down.bias))
+        ]
+    else:
+        logits = [down.weight[e] @ u + down.bias[e] for e in range(len(down.bias))]
+    p = [1 / (1 + torch.exp(-logit)) for logit in logits]
+    if not cfg.sparse:
+        return torch.stack(p)
+    threshold = block.sparsemoa_threshold[name]
+    tau = cfg.max_threshold / (1 + torch.exp(-(threshold.weight[0] @ u + threshold.bias[0])))
+    return torch.stack([p_e if p_e >= tau else torch.zeros_like(p_e) for p_e in p])
+
+
+def sparsemoa_expert(layer: MixtureLayer, x: torch.Tensor, gates: torch.Tensor, name: str = "default"):
+    """One LoRA expert of Sparse MoA, token by token: ``W x + g_e (alpha / r) B A x``.
+
+    ``x`` is ``(N, d_in)``, ``gates`` the ``(N, E)`` gates of the tokens (from :func:`sparsemoa_gates`).
+    """
+    A, B = layer.sparsemoa_A[name].weight, layer.sparsemoa_B[name].weight
+    cfg = layer.adapter_config[name]
+    e = layer.gate_index[name]
+    rows = [gates[n, e] * cfg.lora_alpha / cfg.r * (B @ (A @ token)) for n, token in enumerate(x)]
+    return layer.get_base_layer()(x) + torch.stack(rows)
+
+
+def sparsemoa_parallel_adapter(block, v: torch.Tensor, gates: torch.Tensor, name: str = "default"):
+    """The parallel-adapter expert, token by token: ``g_E (U silu(D v + d) + u_b)``; ``v (N, d)``."""
+    down, up = block.sparsemoa_adapter_down[name], block.sparsemoa_adapter_up[name]
+    rows = [
+        gates[n, -1] * (up.weight @ torch.nn.functional.silu(down.weight @ token + down.bias) + up.bias)
+        for n, token in enumerate(v)
+    ]
+    return torch.stack(rows)

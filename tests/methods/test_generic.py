@@ -10,7 +10,7 @@ from peft import PeftModel, get_peft_model
 
 import comol
 from comol.methods import build_config, config_fields
-from comol.mixture import MergeNotSupportedError, collect_aux_loss, mixture_layers
+from comol.mixture import MergeNotSupportedError, collect_aux_loss, mixture_layers, routers
 
 from cases import CASES, COMMON, Case
 from conftest import VOCAB, randomize_adapter, tiny_model
@@ -133,24 +133,26 @@ def test_unknown_target_modules_raise(case):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_routing_is_observed_in_float32(case, batch):
-    """Every routing decision reaches the gate hooks; softmax runs in float32 even for a bf16 model."""
+    """Every routing decision reaches the gate hooks and the statistics; router probabilities and gates are
+    float32 even for a bf16 model; gates lie in [0, 1] and sum to 1 where the router normalises them."""
     model = adapted(case, dtype=torch.bfloat16)
-    seen = []
-    for layer in mixture_layers(model).values():
-        observe = layer.observe_routing
+    seen = {}
+    for name, router in routers(model).items():
+        observe = router.observe_routing
 
-        def spy(name, probs, gates, *args, _observe=observe, **kwargs):
-            seen.append((probs.dtype, gates.dtype, gates.detach()))
-            return _observe(name, probs, gates, *args, **kwargs)
+        def spy(adapter, probs, gates, *args, _observe=observe, _name=name, _router=router, **kwargs):
+            seen.setdefault(_name, []).append((_router, probs.dtype, gates.dtype, gates.detach()))
+            return _observe(adapter, probs, gates, *args, **kwargs)
 
-        layer.observe_routing = spy
+        router.observe_routing = spy
     with comol.RouterStats(model) as stats:
         logits(model, batch)
-    for probs_dtype, gates_dtype, gates in seen:
+    for router, probs_dtype, gates_dtype, gates in (entry for entries in seen.values() for entry in entries):
         assert probs_dtype == torch.float32 and gates_dtype == torch.float32
-        torch.testing.assert_close(gates.sum(-1), torch.ones_like(gates.sum(-1)))
-    if seen:  # methods with a router
-        assert len(stats.summary()) == len(mixture_layers(model))
+        assert ((gates >= 0) & (gates <= 1)).all()
+        if router.normalized_gates:
+            torch.testing.assert_close(gates.sum(-1), torch.ones_like(gates.sum(-1)))
+    assert set(stats.summary()) == set(seen)
 
 
 @pytest.mark.parametrize(

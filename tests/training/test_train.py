@@ -103,6 +103,7 @@ def test_comol_logs_router_stats_and_aux_loss(
     for entry in logs:
         assert {"router_entropy", "router_load_max", "router_load_min", "aux_loss"} <= set(entry)
         assert 0 < entry["router_entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-4
+        assert entry["router_active_experts"] == 4.0  # soft routing: every expert of every token
         assert entry["router_load_min"] <= 0.25 <= entry["router_load_max"]
         assert entry["aux_loss"] > 0
     events = list((result.output_dir / "runs").rglob("events.out.tfevents*"))
@@ -116,6 +117,39 @@ def test_comol_logs_router_stats_and_aux_loss(
         tags |= set(acc.Tags()["scalars"])
     assert any(t.endswith("router_entropy") for t in tags)
     assert any(t.startswith("router/") and t.endswith("q_proj/entropy") for t in tags)
+    assert any(t.startswith("router/") and t.endswith("q_proj/active_experts") for t in tags)
+
+
+def test_sparsemoa_trains_its_block_routers(
+    tiny_model_dir: Path, arithmetic_file: Path, tmp_path: Path
+) -> None:
+    """Through the Trainer: one router per decoder block is logged; the router, the parallel adapter and the
+    LoRA experts train, while the threshold network (zero gradient, no weight decay) keeps its values."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    extra = {
+        "adapter.method": "sparsemoa",
+        "train.max_steps": 3,
+        "train.save_steps": 1,
+        "train.weight_decay": 0.0,
+    }
+    result = train(_config(tiny_model_dir, arithmetic_file, tmp_path / "run", **extra))
+    logs = [entry for entry in result.log_history if "loss" in entry]
+    assert logs and all(0 < entry["router_active_experts"] <= 6 for entry in logs)
+    trained = _adapter(result.adapter_dir)
+    after_two_steps = _adapter(result.output_dir / "checkpoint-2")  # the last step changes all but tau
+    assert trained.keys() == after_two_steps.keys()
+    assert any(".sparsemoa_block.sparsemoa_router_down." in key for key in trained)
+    assert any(".sparsemoa_block.sparsemoa_threshold." in key for key in trained)
+    for key, value in trained.items():
+        moved = not torch.equal(value, after_two_steps[key])
+        assert moved != ("sparsemoa_threshold" in key), key
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, result.adapter_dir).eval()
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9]])}
+    result.model.eval()
+    torch.testing.assert_close(reloaded(**batch).logits, result.model(**batch).logits)
 
 
 def test_aux_loss_is_added_to_the_training_loss(tiny_model_dir: Path) -> None:

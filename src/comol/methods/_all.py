@@ -9,4 +9,5 @@ from comol.methods import (
     mola,  # noqa: F401
     molora,  # noqa: F401
     smear,  # noqa: F401
+    sparsemoa,  # noqa: F401
 )

@@ -2,6 +2,7 @@
 
 - :mod:`~comol.mixture.config`: shared config fields (peft conventions) and default target modules.
 - :mod:`~comol.mixture.routing`: logits -> probs -> gates (soft, top-k), entropy, balancing loss.
+- :mod:`~comol.mixture.observe`: :class:`RoutingObserver`, how routers report decisions (stats, aux losses).
 - :mod:`~comol.mixture.layer`: :class:`MixtureLayer`, the adapter layer a method subclasses.
 - :mod:`~comol.mixture.model`: :class:`MixtureModel`, the peft tuner a method subclasses.
 - :mod:`~comol.mixture.stats`: :class:`RouterStats`, hooks for expert load and gate entropy.
@@ -9,14 +10,16 @@
 """
 
 from comol.mixture.config import DEFAULT_TARGET_MODULES, MixtureConfig, RoutedMixtureConfig
-from comol.mixture.layer import MergeNotSupportedError, MixtureLayer, RoutingContext
+from comol.mixture.layer import MergeNotSupportedError, MixtureLayer
 from comol.mixture.model import (
     MixtureModel,
     after_optimizer_step,
     collect_aux_loss,
     mixture_layers,
     register_step_hooks,
+    routers,
 )
+from comol.mixture.observe import RoutingContext, RoutingObserver
 from comol.mixture.registration import ComolPeftType, register_method
 from comol.mixture.stats import RouterStats
 
@@ -30,9 +33,11 @@ __all__ = [
     "RoutedMixtureConfig",
     "RouterStats",
     "RoutingContext",
+    "RoutingObserver",
     "after_optimizer_step",
     "collect_aux_loss",
     "mixture_layers",
     "register_method",
     "register_step_hooks",
+    "routers",
 ]

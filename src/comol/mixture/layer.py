@@ -23,53 +23,24 @@ auxiliary losses.
 
 from __future__ import annotations
 
-import logging
-from collections import OrderedDict
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 from transformers.pytorch_utils import Conv1D
 
-from comol.mixture import routing
+from comol.mixture.observe import RoutingContext, RoutingObserver
 
 if TYPE_CHECKING:
     from comol.mixture.config import MixtureConfig
-
-logger = logging.getLogger(__name__)
-
-# hook(layer, adapter_name, probs (N, E) float32, gates (N, E) float32, mask (N,) bool | None) -> None
-GateHook = Callable[["MixtureLayer", str, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
 
 
 class MergeNotSupportedError(ValueError):
     """Raised when an adapter's update depends on the input, so it cannot be folded into ``W``."""
 
 
-class RoutingContext:
-    """Per-forward information shared by a tuner and all its layers (no globals).
-
-    The tuner sets :attr:`attention_mask` from the keyword arguments of each forward of the wrapped
-    model, so that layers can ignore padding (instance-level routing, router statistics, balancing
-    losses). It is kept until the next forward, so that gradient-checkpointing recomputation sees the
-    same mask as the forward it repeats.
-    """
-
-    def __init__(self) -> None:
-        self.attention_mask: torch.Tensor | None = None  # (B, T), 1 for real tokens
-
-    def token_mask(self, leading_shape: torch.Size) -> torch.Tensor | None:
-        """The mask as bool ``(*leading_shape)`` if it matches the tokens a layer sees, else None."""
-        mask = self.attention_mask
-        if mask is None or tuple(mask.shape) != tuple(leading_shape):
-            return None
-        return mask.bool()
-
-
-class MixtureLayer(nn.Module, BaseTunerLayer):
+class MixtureLayer(nn.Module, BaseTunerLayer, RoutingObserver):
     """Base class of all mixture-of-LoRA adapter layers.
 
     Subclasses set :attr:`prefix` (``"<method>_"``), :attr:`module_parts` and :attr:`param_parts`; the
@@ -113,10 +84,7 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
         self.kernel = "auto"  # implementation of method-specific fast paths, see comol.kernels
-        self.context = context if context is not None else RoutingContext()
-        self._gate_hooks: OrderedDict[int, GateHook] = OrderedDict()
-        self._aux_losses: dict[str, torch.Tensor] = {}
-        self._warned_no_grad_aux = False
+        self.init_observer(context)
         self.kwargs = kwargs
 
     # ----------------------------------------------------------------------------------------------
@@ -231,61 +199,6 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
             delta = self.adapter_forward(name, self._cast_input_dtype(x, self.adapter_dtype(name)))
             result = result + delta.to(result_dtype)
         return result
-
-    # --- routing observers: statistics hooks and auxiliary losses ----------------------------------
-    def register_gate_hook(self, hook: GateHook) -> RemovableHandle:
-        """Call ``hook(layer, adapter_name, probs, gates, mask)`` after every routing decision.
-
-        ``probs`` and ``gates`` are flattened to ``(N, E)`` float32 and detached; ``mask`` is ``(N,)`` bool
-        (False for padding) or None. Returns a handle whose ``remove()`` unregisters the hook.
-        """
-        handle = RemovableHandle(self._gate_hooks)
-        self._gate_hooks[handle.id] = hook
-        return handle
-
-    def observe_routing(
-        self,
-        adapter_name: str,
-        probs: torch.Tensor,
-        gates: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        aux_loss_coef: float = 0.0,
-    ) -> None:
-        """Report one routing decision: feeds the gate hooks and records the balancing loss.
-
-        Args:
-            adapter_name: which adapter routed.
-            probs: ``(..., E)`` float32 router probabilities.
-            gates: ``(..., E)`` gates actually used.
-            mask: ``(...)`` bool token mask, or None to take it from the routing context.
-            aux_loss_coef: coefficient of :func:`comol.mixture.routing.load_balancing_loss` (0: off).
-        """
-        if mask is None:
-            mask = self.context.token_mask(probs.shape[:-1])
-        if self._gate_hooks:
-            num_experts = probs.shape[-1]
-            flat_mask = None if mask is None else mask.reshape(-1)
-            flat_probs = probs.detach().float().reshape(-1, num_experts)
-            flat_gates = gates.detach().float().reshape(-1, num_experts)
-            for hook in list(self._gate_hooks.values()):
-                hook(self, adapter_name, flat_probs, flat_gates, flat_mask)
-        if aux_loss_coef > 0 and self.training:
-            if not torch.is_grad_enabled() and not self._warned_no_grad_aux:
-                logger.warning(
-                    "%s: the load-balancing loss is computed without gradient (re-entrant gradient checkpointing "
-                    "or no_grad); use gradient_checkpointing_kwargs={'use_reentrant': False}.",
-                    self.module_key or type(self).__name__,
-                )
-                self._warned_no_grad_aux = True
-            # Overwritten (not appended) on every forward: recomputation under gradient checkpointing
-            # therefore never counts a layer twice.
-            self._aux_losses[adapter_name] = aux_loss_coef * routing.load_balancing_loss(probs, gates, mask)
-
-    def pop_aux_losses(self) -> list[torch.Tensor]:
-        """The auxiliary losses recorded since the last call, for the active adapters; clears them."""
-        losses = [self._aux_losses[name] for name in self.active_adapters if name in self._aux_losses]
-        self._aux_losses.clear()
-        return losses
 
     # --- merging ------------------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:

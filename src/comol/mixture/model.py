@@ -16,7 +16,8 @@ from torch.utils.hooks import RemovableHandle
 from transformers.pytorch_utils import Conv1D
 
 from comol.mixture.config import DEFAULT_TARGET_MODULES, MixtureConfig
-from comol.mixture.layer import MergeNotSupportedError, MixtureLayer, RoutingContext
+from comol.mixture.layer import MergeNotSupportedError, MixtureLayer
+from comol.mixture.observe import RoutingContext, RoutingObserver
 
 
 class MixtureModel(BaseTuner):
@@ -105,6 +106,14 @@ def mixture_layers(model: nn.Module) -> dict[str, MixtureLayer]:
     return {name: module for name, module in model.named_modules() if isinstance(module, MixtureLayer)}
 
 
+def routers(model: nn.Module) -> dict[str, RoutingObserver]:
+    """Every module of ``model`` that reports routing decisions (see :mod:`comol.mixture.observe`), by name.
+
+    For per-layer methods these are their mixture layers; SparseMoA routes once per decoder block.
+    """
+    return {name: module for name, module in model.named_modules() if isinstance(module, RoutingObserver)}
+
+
 def after_optimizer_step(model: nn.Module) -> None:
     """Run every mixture layer's non-gradient update for its active adapters (call after ``optimizer.step()``).
 
@@ -122,17 +131,17 @@ def register_step_hooks(optimizer: torch.optim.Optimizer, model: nn.Module) -> R
 
 
 def collect_aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum of the auxiliary losses recorded by the adapter layers in the last forward; clears them.
+    """Sum of the auxiliary losses recorded by the routers in the last forward; clears them.
 
     This is the one channel through which methods with auxiliary losses (load balancing) reach training:
-    ``loss = outputs.loss + collect_aux_loss(model)`` (``comol train`` does it). Each layer keeps only its
-    latest loss per adapter, so recomputation under gradient checkpointing never counts a layer twice.
+    ``loss = outputs.loss + collect_aux_loss(model)`` (``comol train`` does it). Each router keeps only its
+    latest loss per adapter, so recomputation under gradient checkpointing never counts a router twice.
     Each loss is already multiplied by its method's coefficient.
 
     Returns:
         A scalar tensor, or None if no layer recorded a loss.
     """
-    losses = [loss for layer in mixture_layers(model).values() for loss in layer.pop_aux_losses()]
+    losses = [loss for router in routers(model).values() for loss in router.pop_aux_losses()]
     if not losses:
         return None
     return torch.stack([loss.float() for loss in losses]).sum()

@@ -138,6 +138,7 @@ class ComolTrainerMixin:
             for name, entry in summary.items():
                 tag = name.replace("base_model.model.", "")
                 writer.add_scalar(f"router/{tag}/entropy", entry["entropy"], step)
+                writer.add_scalar(f"router/{tag}/active_experts", entry["active"], step)
                 writer.add_scalar(f"router/{tag}/load_max", max(entry["load"]), step)
                 writer.add_scalar(f"router/{tag}/load_min", min(entry["load"]), step)
                 writer.add_histogram(f"router/{tag}/load", torch.tensor(entry["load"]), step)
@@ -234,8 +235,10 @@ def last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 def _aggregate_router_stats(summary: dict[str, dict[str, Any]]) -> dict[str, float]:
     entropies = [entry["entropy"] for entry in summary.values()]
     loads = [load for entry in summary.values() for load in entry["load"]]
+    active = [entry["active"] for entry in summary.values()]
     return {
         "router_entropy": round(sum(entropies) / len(entropies), 4),
+        "router_active_experts": round(sum(active) / len(active), 4),
         "router_load_max": round(max(loads), 4),
         "router_load_min": round(min(loads), 4),
     }
