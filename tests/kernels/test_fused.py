@@ -131,3 +131,32 @@ def test_fused_under_compile_and_checkpoint() -> None:
     torch.testing.assert_close(torch.autograd.grad(compiled(x).sum(), x)[0], expected)
     out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
     torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], expected)
+
+
+class _ShardedRouter(nn.Module):
+    """Stands for a router wrapped as its own FSDP1 unit: not an ``nn.Linear``, and outside its forward its
+    ``weight`` is a flat shard (here: the first half of the flattened weight)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.inner = linear
+        self.bias = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        flat = self.inner.weight.reshape(-1)
+        return flat[: flat.numel() // 2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def test_wrapped_router_takes_the_path_through_its_forward() -> None:
+    """The fused path reads the router weight directly; a wrapped (e.g. FSDP1-sharded) router must be called
+    instead, with the same result as the eager reference."""
+    x = torch.randn(2, 5, 16)
+    expected = _model("eager")(x)
+    model = _model("fused")
+    layer = next(iter(comol.mixture.mixture_layers(model).values()))
+    layer.comol_router["default"] = _ShardedRouter(layer.comol_router["default"])
+    torch.testing.assert_close(model(x), expected)

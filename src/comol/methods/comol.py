@@ -111,7 +111,7 @@ class CoMoLLayer(MixtureLayer):
         if (
             kernels.has_routed_core_mix(impl)
             and config.router_top_k is None
-            and router.bias is None
+            and _plain_weight(router)
             and not (config.aux_loss_coef > 0 and self.training)  # the balancing loss needs probs' graph
         ):  # fast path: router, float32 softmax and mixing in one kernel
             mixed, probs = kernels.routed_core_mix(
@@ -140,6 +140,21 @@ class CoMoLLayer(MixtureLayer):
         a = self.comol_A[adapter_name].weight  # (r, d_in)
         b = self.comol_B[adapter_name].weight @ merged_core * self.scaling[adapter_name]  # (d_out, r)
         return a, b
+
+
+def _plain_weight(router: nn.Module) -> bool:
+    """Whether the fast path may read ``router.weight`` directly instead of calling the router.
+
+    True for a bias-free ``nn.Linear`` whose weight is materialised with its full ``(E, in)`` shape. A router
+    wrapped as its own FSDP1 unit (peft's FSDP auto-wrap policy does that) is not an ``nn.Linear`` and its
+    weight is a flat shard outside its forward; a ZeRO-3 partitioned weight is an empty placeholder. Those
+    go through the router's forward, which gathers the weight.
+    """
+    return (
+        type(router) is nn.Linear
+        and router.bias is None
+        and tuple(router.weight.shape) == (router.out_features, router.in_features)
+    )
 
 
 class CoMoLModel(MixtureModel):
