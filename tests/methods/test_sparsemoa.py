@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 
 import comol
 from comol.methods import build_config
@@ -66,7 +66,7 @@ def test_model_matches_paper_formula_float64(family, options, input_ids):
 
     gates_used = []
     for i, layer in enumerate(decoder_layers(model)):
-        block = layer.sparsemoa_block
+        block = layer.moa_block
         u = captured[f"attn{i}"][0].reshape(-1, 32)  # (N, d): the block's normalised input
         gates = torch.stack([naive.sparsemoa_gates(block, token) for token in u])  # (N, E)
         assert gates.shape == (u.shape[0], len(TARGETS) + 1)
@@ -133,8 +133,8 @@ def test_trainable_parameter_count_is_the_closed_form():
 
 def test_layers_to_transform_gives_routers_only_to_adapted_blocks(input_ids):
     model = adapted(layers_to_transform=[1])
-    assert list(blocks(model)) == ["base_model.model.model.layers.1.sparsemoa_block"]
-    assert not hasattr(decoder_layers(model)[0], "sparsemoa_block")
+    assert list(blocks(model)) == ["base_model.model.model.layers.1.moa_block"]
+    assert not hasattr(decoder_layers(model)[0], "moa_block")
     model(input_ids)
 
 
@@ -215,3 +215,17 @@ def test_second_adapter_must_route_on_the_same_module():
     with pytest.raises(ValueError, match="same router_input_module and mlp_module"):
         model.add_adapter("other", config)
     assert not [name for name, _ in model.named_parameters() if ".other" in name]  # refused before injecting
+
+
+def test_reloads_with_low_cpu_mem_usage_and_through_transformers(input_ids, tmp_path):
+    """peft's meta-device loading and transformers' own ``load_adapter`` map every saved key back (the block's
+    module name must not contain the method prefix, or transformers inserts the adapter name after it)."""
+    model = adapted()
+    expected = model(input_ids).logits
+    model.save_pretrained(tmp_path)
+    lazy = PeftModel.from_pretrained(tiny_model(), tmp_path, low_cpu_mem_usage=True)
+    assert not [n for n, p in lazy.named_parameters() if p.device.type == "meta"]
+    torch.testing.assert_close(lazy(input_ids).logits, expected, rtol=0, atol=0)
+    plain = tiny_model()
+    plain.load_adapter(str(tmp_path))
+    torch.testing.assert_close(plain(input_ids).logits, expected, rtol=0, atol=0)

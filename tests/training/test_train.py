@@ -140,8 +140,8 @@ def test_sparsemoa_trains_its_block_routers(
     trained = _adapter(result.adapter_dir)
     after_two_steps = _adapter(result.output_dir / "checkpoint-2")  # the last step changes all but tau
     assert trained.keys() == after_two_steps.keys()
-    assert any(".sparsemoa_block.sparsemoa_router_down." in key for key in trained)
-    assert any(".sparsemoa_block.sparsemoa_threshold." in key for key in trained)
+    assert any(".moa_block.sparsemoa_router_down." in key for key in trained)
+    assert any(".moa_block.sparsemoa_threshold." in key for key in trained)
     for key, value in trained.items():
         moved = not torch.equal(value, after_two_steps[key])
         assert moved != ("sparsemoa_threshold" in key), key

@@ -52,8 +52,9 @@ from comol.mixture import MixtureConfig, MixtureLayer, MixtureModel, register_me
 from comol.mixture.observe import RoutingContext, RoutingObserver
 from comol.mixture.registration import ComolPeftType
 
-BLOCK_ATTR = "sparsemoa_block"
-"""Name under which each decoder block holds its :class:`SparseMoABlock`."""
+BLOCK_ATTR = "moa_block"
+"""Name under which each decoder block holds its :class:`SparseMoABlock`. It must not contain the method prefix
+``sparsemoa_``: transformers' ``load_adapter`` inserts the adapter name after the first name that does."""
 
 
 @dataclass
@@ -260,7 +261,16 @@ class SparseMoABlock(nn.Module, BaseTunerLayer, RoutingObserver):
         self.router_input: str | None = None  # name of the child whose input the router reads
         self.mlp: str | None = None  # name of the child the parallel adapter runs beside
         self._handles: list[RemovableHandle] = []
+        # A frozen base layer of the block, whose device and dtype the adapter follows (a tuple, so that it is
+        # not registered as a submodule).
+        self.reference: tuple[nn.Module, ...] = ()
         self.init_observer(context)
+
+    def get_base_layer(self) -> nn.Module:
+        """The reference base layer (for peft's device and dtype handling; this module wraps none)."""
+        if not self.reference:
+            raise RuntimeError(f"{self.module_key}: SparseMoA block without a reference layer.")
+        return self.reference[0]
 
     # --- set-up -------------------------------------------------------------------------------------
     def attach(self, block: nn.Module, router_input: str, mlp: str | None) -> None:
@@ -404,7 +414,7 @@ class SparseMoAModel(MixtureModel):
     """peft tuner for SparseMoA (``peft.get_peft_model(model, SparseMoAConfig(...))``).
 
     Wraps every targeted linear layer in a :class:`SparseMoALayer` (peft's injection) and then gives every
-    decoder block holding one a :class:`SparseMoABlock` under ``<block>.sparsemoa_block``.
+    decoder block holding one a :class:`SparseMoABlock` under ``<block>.moa_block``.
     """
 
     prefix = "sparsemoa_"
@@ -469,12 +479,8 @@ class SparseMoAModel(MixtureModel):
                 layer.gate_index[adapter_name] = index
                 layer.block_gates = moa.gates
             moa.update_layer(adapter_name, config, num_lora_experts=len(layers))
-            weight = layers[0][1].get_base_layer().weight
-            dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-            for name in moa.adapter_layer_names:
-                container = getattr(moa, name)
-                if adapter_name in container:
-                    container[adapter_name].to(device=weight.device, dtype=dtype)
+            moa.reference = (layers[0][1].get_base_layer(),)
+            moa._move_adapter_to_device_of_base_layer(adapter_name)  # peft's: device and dtype, meta skipped
             moa.set_adapter(moa.active_adapters, inference_mode=config.inference_mode)
 
     def blocks(self) -> list[SparseMoABlock]:
