@@ -280,8 +280,9 @@ _MOE8 = {"r": 8, "num_experts": 8}
 _MOE4 = {"r": 8, "num_experts": 4}
 _14B_E8 = "Text says 4 experts for Qwen3-14B; only 8 reproduce the figure."
 _FLY = (
-    "FlyLoRA's A is frozen, so only B (d_out x r) trains: r=32 gives this. The paper prints the figure of "
-    "LoRA r=16 (as if A were trained)."
+    "FlyLoRA's A is frozen, so only B (d_out x r) trains: r=32 gives this. The paper prints LoRA r=16's "
+    "figure; counting A too (the reference code keeps it in an nn.Linear left trainable, though applied "
+    "under no_grad) would give LoRA r=32's, twice the printed one."
 )
 _MOA = (
     "MoA's setting: a LoRA expert (r=8) on each of q/k/v/o/down + per decoder block a parallel adapter "
@@ -289,7 +290,10 @@ _MOA = (
 )
 _DENSE = (
     "One encoder/decoder per target module type shared by all layers + one r x r matrix per module. The "
-    "paper's figure is exactly r*(d_ff+d) larger (the down projection's encoder/decoder counted twice)."
+    "paper's figure is exactly r*(d+d_ff) larger, likely an unused up-projection pair of the reference code "
+    "(which creates q/k/v/up/down pairs whatever the targets and trains every lora_ parameter) counted: "
+    "22,806,528 + 256*(4096+12288) = 27,000,832 (Qwen3-8B), 22,020,096 + 256*(4096+14336) = 26,738,688 "
+    "(Llama-3.1-8B)."
 )
 
 

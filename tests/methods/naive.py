@@ -167,3 +167,58 @@ def sparsemoa_parallel_adapter(block, v: torch.Tensor, gates: torch.Tensor, name
         for n, token in enumerate(v)
     ]
     return torch.stack(rows)
+
+
+def flylora(layer: MixtureLayer, x: torch.Tensor, name: str = "default") -> torch.Tensor:
+    """Zou et al. 2025 (FlyLoRA), as in the authors' code: ``y = A x`` with ``A`` frozen; the ``k`` ranks
+    with the largest ``y_i + b_i`` (``selection="signed"``, the authors' experiment code) or ``|y_i + b_i|``
+    (``"magnitude"``, their minimal reference) pass the unbiased ``y_i`` on:
+    ``h = W x + (alpha / r) sum_{i in S} B[:, i] y_i``."""
+    cfg = layer.adapter_config[name]
+    A, B, b = layer.flylora_A[name], layer.flylora_B[name].weight, layer.flylora_bias[name]
+
+    def delta(token):
+        y = A @ token
+        scores = [float(y[i]) + float(b[i]) for i in range(cfg.r)]
+        if cfg.selection == "magnitude":
+            scores = [abs(score) for score in scores]
+        chosen = sorted(range(cfg.r), key=lambda i: -scores[i])[: cfg.top_k]
+        return cfg.lora_alpha / cfg.r * sum(B[:, i] * y[i] for i in chosen)
+
+    return _per_token(layer, x, delta)
+
+
+def denselora(
+    layer: MixtureLayer,
+    x: torch.Tensor,
+    name: str = "default",
+    masks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Mu et al. 2025 (DenseLoRA), as in the authors' forward: with ``E``, ``D`` shared by the module's kind,
+    ``h = W x + (alpha / r) drop(act(D M drop(act(E drop(x)))))``, ``act`` the configured activation.
+
+    ``masks``: the three dropout masks (already scaled by ``1 / (1 - p)``), of shapes ``(..., d_in)``,
+    ``(..., r)`` and ``(..., d_out)`` with ``x``'s leading dimensions; None for no dropout (eval, ``p = 0``).
+    """
+    cfg = layer.adapter_config[name]
+    E, D = layer.shared.get(name, layer.kind)
+    M = layer.denselora_M[name]
+    act = {
+        "gelu": torch.nn.functional.gelu,
+        "silu": torch.nn.functional.silu,
+        "relu": torch.nn.functional.relu,
+        "identity": lambda t: t,
+    }[cfg.activation]
+    tokens = x.reshape(-1, x.shape[-1])
+    rows = []
+    for n, token in enumerate(tokens):
+        m_x, m_z, m_out = (
+            (None, None, None) if masks is None else (m.reshape(len(tokens), -1)[n] for m in masks)
+        )
+        x_in = token if m_x is None else token * m_x
+        z = act(E @ x_in)
+        z = z if m_z is None else z * m_z
+        out = act(D @ (M @ z))
+        out = out if m_out is None else out * m_out
+        rows.append(cfg.lora_alpha / cfg.r * out)
+    return layer.get_base_layer()(x) + torch.stack(rows).reshape(*x.shape[:-1], -1)

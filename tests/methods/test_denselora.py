@@ -1,4 +1,5 @@
-"""DenseLoRA's own cases: encoders/decoders shared across layers, the paper's formula in float64, counts."""
+"""DenseLoRA's own cases: encoders/decoders shared across layers, the authors' formula in float64 (dropout at
+their three positions included), counts."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import get_peft_model
+from torch import nn
 
 from comol.methods import build_config
-from comol.methods.denselora import DenseLoRALayer
 from comol.mixture import mixture_layers
 
+import naive
 from cases import TARGETS
 from conftest import VOCAB, randomize_adapter, tiny_model
 
@@ -23,22 +25,63 @@ def adapted(family: str = "llama", dtype: torch.dtype = torch.float32, randomize
     return model
 
 
-def naive_denselora(layer: DenseLoRALayer, x: torch.Tensor, name: str = "default") -> torch.Tensor:
-    """Mu et al. 2025, token by token: ``h = W x + (alpha/r) gelu(D (M gelu(E x))))``."""
-    E, D = layer.shared.get(name, layer.kind)
-    M, config = layer.denselora_M[name], layer.adapter_config[name]
-    rows = [
-        config.lora_alpha / config.r * F.gelu(D @ (M @ F.gelu(E @ t))) for t in x.reshape(-1, x.shape[-1])
-    ]
-    return layer.get_base_layer()(x) + torch.stack(rows).reshape(*x.shape[:-1], -1)
-
-
 def test_matches_the_paper_formula_in_float64():
     model = adapted(dtype=torch.float64)
     gen = torch.Generator().manual_seed(0)
     for layer in mixture_layers(model).values():
         x = torch.randn(2, 3, layer.in_features, generator=gen, dtype=torch.float64)
-        torch.testing.assert_close(layer(x), naive_denselora(layer, x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(layer(x), naive.denselora(layer, x), rtol=1e-12, atol=1e-12)
+
+
+class FixedMasks(nn.Module):
+    """Stands in for the adapter's dropout: records what it is applied to and multiplies the i-th call's
+    input by ``masks[i]``."""
+
+    def __init__(self, masks: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.masks = masks
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(t)
+        return t * self.masks[len(self.inputs) - 1]
+
+
+def test_dropout_is_applied_at_the_authors_three_positions():
+    """``drop(act(D M drop(act(E drop(x)))))``: on the input, on the encoder's activation and on the
+    decoder's activation (the old forward applied it to the input only)."""
+    model = adapted(dtype=torch.float64, lora_dropout=0.5)
+    gen = torch.Generator().manual_seed(1)
+    for layer in mixture_layers(model).values():
+        x = torch.randn(2, 3, layer.in_features, generator=gen, dtype=torch.float64)
+        shapes = [(2, 3, layer.in_features), (2, 3, 4), (2, 3, layer.out_features)]
+        masks = [(torch.rand(shape, generator=gen, dtype=torch.float64) > 0.5) * 2.0 for shape in shapes]
+        spy = FixedMasks(masks)
+        layer.adapter_dropout["default"] = spy
+        out = layer(x)
+        assert [tuple(t.shape) for t in spy.inputs] == shapes
+        torch.testing.assert_close(out, naive.denselora(layer, x, masks=tuple(masks)), rtol=1e-12, atol=1e-12)
+
+
+def test_training_mode_dropout_matches_three_independent_masks():
+    """With the real ``nn.Dropout(p)`` in training mode: the same seed draws the same three masks, in the
+    order input, encoder activation, decoder activation."""
+    p = 0.5
+    model = adapted(dtype=torch.float64, lora_dropout=p)
+    model.train()
+    gen = torch.Generator().manual_seed(2)
+    for layer in mixture_layers(model).values():
+        x = torch.randn(2, 3, layer.in_features, generator=gen, dtype=torch.float64)
+        torch.manual_seed(7)
+        out = layer(x)
+        torch.manual_seed(7)
+        shapes = [(2, 3, layer.in_features), (2, 3, 4), (2, 3, layer.out_features)]
+        masks = tuple(F.dropout(torch.ones(shape, dtype=torch.float64), p, training=True) for shape in shapes)
+        assert all(((m == 0) | (m == 1 / (1 - p))).all() and (m == 0).any() for m in masks)
+        torch.testing.assert_close(out, naive.denselora(layer, x, masks=masks), rtol=1e-12, atol=1e-12)
+        model.eval()
+        torch.testing.assert_close(layer(x), naive.denselora(layer, x), rtol=1e-12, atol=1e-12)
+        model.train()
 
 
 def test_encoder_and_decoder_are_shared_across_layers():

@@ -4,8 +4,13 @@ Instead of a pair of low-rank matrices per layer, DenseLoRA compresses the input
 all layers, adapts the compressed representation with a small dense matrix of its own per layer, and maps
 it back with a decoder that is also shared::
 
-    z = act(E_t dropout(x))              # (..., r)   encoder E_t (r x d_in), shared by all layers
-    h = W x + (alpha / r) * act(D_t (M z))        # M (r x r) per adapted module, D_t (d_out x r) shared
+    z = dropout(act(E_t dropout(x)))                  # (..., r), encoder E_t (r x d_in) shared by all layers
+    h = W x + (alpha / r) * dropout(act(D_t (M z)))   # M (r x r) per adapted module, D_t (d_out x r) shared
+
+``dropout`` is the adapter's dropout (``lora_dropout``), applied three times with independent masks, as in
+the DenseLoRA authors' forward (``commonsense_reasoning/peft/src/peft/tuners/lora.py``:
+``lora_dropout(nolinear(lora_decoder(lora_m(lora_dropout(nolinear(lora_encoder(lora_dropout(x))))))))
+* scaling``).
 
 ``t`` is the kind of module (its name, e.g. ``q_proj``, together with its shape): every ``q_proj`` of the
 model uses the same ``E``/``D``, every ``down_proj`` another pair. The shared pairs belong to the tuner
@@ -14,12 +19,16 @@ model uses the same ``E``/``D``, every ``down_proj`` another pair. The shared pa
 Trainable parameters: ``r (d_in + d_out)`` per module kind, plus ``r^2`` per adapted module.
 
 Reading of details the CoMoL paper does not state: ``act`` is GELU on both the encoder and the decoder output
-(as in the reference implementation of the DenseLoRA authors), ``E`` and ``M`` are Kaiming-uniform and ``D``
-is zero at init, so the adapted model starts as the base model. With the CoMoL paper's setting (r = 256,
-q/k/v/o/down) this gives 22.81M trainable parameters on Qwen3-8B and 22.02M on Llama-3.1-8B; the paper
-prints 27.00M and 26.74M, exactly ``r (d_ff + d)`` more, i.e. one more encoder/decoder pair of the down
-projection's shape. No sharing scheme we could justify from the DenseLoRA paper gives that, so we keep
-one pair per module kind and report the difference (the README's parameter table).
+(as in the authors' code), ``E`` and ``M`` are Kaiming-uniform and ``D`` is zero at init, so the adapted
+model starts as the base model. The authors' code shares by substring of the module name (``'q' in name``,
+``'k'``, ``'v'``, ``'up'``, ``'down'``) and builds its encoder/decoder pairs for q, k, v, up and down
+unconditionally (shapes hard-coded for Llama-3-8B), whatever the target modules; keying by name and shape
+here gives the same sharing for the modules that are adapted and never creates unused pairs. Its
+``mark_only_lora_as_trainable`` leaves every ``lora_``-named parameter trainable, so an unused pair is still
+counted: with the CoMoL paper's setting (r = 256, q/k/v/o/down) we count 22.81M trainable parameters on
+Qwen3-8B and 22.02M on Llama-3.1-8B; the paper's 27.00M and 26.74M are exactly these plus ``r (d + d_ff)``,
+the size of one ``up`` pair (encoder ``r x d``, decoder ``d_ff x r``), most likely the reference code's
+unused ``up`` pair counted as trainable (see ``comol.params``).
 """
 
 from __future__ import annotations
@@ -101,16 +110,18 @@ class DenseLoRALayer(MixtureLayer):
         nn.init.kaiming_uniform_(self.denselora_M[adapter_name], a=math.sqrt(5))
 
     def adapter_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """``(..., d_in) -> (..., d_out)``: ``(alpha/r) act(D (M act(E dropout(x))))``."""
+        """``(..., d_in) -> (..., d_out)``: ``(alpha/r) dropout(act(D (M dropout(act(E dropout(x))))))``."""
         if self.shared is None or self.kind is None:
             raise RuntimeError(
                 f"{self.module_key}: DenseLoRA layer used outside its tuner (no shared projections)."
             )
         act = ACTIVATIONS[self.adapter_config[adapter_name].activation]
         encoder, decoder = self.shared.get(adapter_name, self.kind)
-        z = act(torch.einsum("...i,ri->...r", self.adapter_dropout[adapter_name](x), encoder))  # (..., r)
+        dropout = self.adapter_dropout[adapter_name]
+        z = dropout(act(torch.einsum("...i,ri->...r", dropout(x), encoder)))  # (..., r)
         m = torch.einsum("...i,oi->...o", z, self.denselora_M[adapter_name])  # (..., r)
-        return act(torch.einsum("...r,or->...o", m, decoder)) * self.scaling[adapter_name]  # (..., d_out)
+        out = dropout(act(torch.einsum("...r,or->...o", m, decoder)))  # (..., d_out)
+        return out * self.scaling[adapter_name]
 
     def merge_blocker(self, adapter_name: str) -> str | None:
         return (

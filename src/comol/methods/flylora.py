@@ -3,31 +3,48 @@
 Every rank of a LoRA is an expert; a frozen sparse random down projection ``A`` is at once the router and
 the down projection. For every token::
 
-    y = A dropout(x)                       # (..., r), A (r x d_in) frozen, ~density * d_in non-zeros per row
-    S = top_k(|y| + b)                     # the k ranks with the largest biased magnitude
+    y = A dropout(x)                       # (..., r), A (r x d_in) frozen, p non-zeros per row
+    S = top_k(y + b)                       # the k ranks with the largest biased (signed) activation
     h = W x + (alpha / r) * B (1_S * y)    # B (d_out x r) trained, zero at init
 
 so only ``k`` columns of ``B`` act on a token and there is no router to train. ``b (r,)`` is a
-load-balancing bias that only affects *which* ranks are selected (not the values passed on) and is not
-trained by gradient: following the auxiliary-loss-free balancing the paper adopts, after every optimizer
-step it moves each rank towards the mean load::
+load-balancing bias that only affects *which* ranks are selected (the values passed on are the unbiased
+``y``) and is not trained by gradient.
 
-    c_i  = number of (non-padding) tokens that selected rank i since the last update
+``A``, as in the FlyLoRA paper and the authors' code: each row has ``p`` non-zeros at uniformly random
+columns with values drawn from ``N(0, 1 / r^2)`` (std ``1 / r``). By default ``p = d_in // (r // top_k)``
+(density about ``k / r``), the rule of the authors' experiment code (``p = weight.size(1) //
+(r // top_k)``); ``a_density`` overrides it with ``p = round(a_density * d_in)``.
+
+Selection (``selection``): ``"signed"`` (default) takes the top-k of ``y + b`` on the signed activations,
+as the authors' experiment code does (FlyLoRA's ``peft/src/peft/tuners/lora/layer.py`` and the CoMoL
+authors' ``src/flylora/layer.py``: ``torch.topk(activations + bias, top_k)``); ``"magnitude"`` takes the
+top-k of ``|y + b|``, as FlyLoRA's minimal reference ``flylora.py`` does. Ties go to ``torch.topk``.
+
+Balancing: following the auxiliary-loss-free balancing the paper adopts, each rank moves towards the mean
+load::
+
+    c_i  = number of tokens that selected rank i
     b_i <- b_i + u * sign(mean(c) - c_i)
 
-This update is deterministic and invariant to counting a batch twice (gradient-checkpointing
-recomputation doubles every ``c_i`` and ``mean(c)`` alike). It runs in :meth:`FlyLoRALayer.after_optimizer_step`:
-call :func:`comol.mixture.after_optimizer_step` after each step, or register it once with
+The rule is the authors'; *when* it runs differs. The authors' code applies it inside every forward call,
+on the tokens of that call: once per micro-batch (``G`` times per optimizer step with ``G`` accumulation
+steps, and again for any recomputation), padding tokens included, and, in the experiment code, in eval mode
+and under ``no_grad`` too (the minimal reference only when ``self.training``). Here the loads of the
+non-padding tokens of every training-mode forward are summed since the last optimizer step and the rule is
+applied once per step, in :meth:`FlyLoRALayer.after_optimizer_step`: ``b`` moves by at most ``u`` per
+optimizer step (the authors' by up to ``G u``), evaluation never moves it, and counting a batch twice
+(gradient-checkpointing recomputation doubles every ``c_i`` and ``mean(c)`` alike) changes nothing. Call
+:func:`comol.mixture.after_optimizer_step` after each step, or register it once with
 :func:`comol.mixture.register_step_hooks` (``comol train`` does).
 
 ``A`` and ``b`` are buffers: saved with the adapter (so a reloaded adapter selects exactly the same ranks)
-but never trainable. Trainable parameters per layer: ``d_out * r`` only; with ``r = 32`` that is what
-the CoMoL paper's "r = 32 for parameter parity with LoRA r = 16" gives, although its tables print LoRA
-r = 16's figure for FlyLoRA (which would need ``A`` trained too).
-
-Details the CoMoL paper does not state and that are this implementation's choice: the non-zeros of each
-row of ``A`` sit at uniformly random columns with values ``N(0, 1 / nnz)`` (so that ``y`` keeps the scale
-of ``x``); ties in the top-k are broken by index.
+but never trainable. The authors keep ``A`` in an ``nn.Linear`` applied under ``torch.no_grad()``, so in
+their code no gradient reaches the layer input ``x`` through this branch; here it does (through the frozen
+``A``), as the formula implies.
+Trainable parameters per layer: ``d_out * r`` only; with ``r = 32`` that is what the CoMoL paper's
+"r = 32 for parameter parity with LoRA r = 16" gives, although its tables print LoRA r = 16's figure for
+FlyLoRA (see ``comol.params``).
 """
 
 from __future__ import annotations
@@ -42,6 +59,8 @@ from torch import nn
 
 from comol.mixture import MixtureConfig, MixtureLayer, MixtureModel, register_method
 from comol.mixture.registration import ComolPeftType
+
+SELECTIONS = ("signed", "magnitude")
 
 
 @dataclass
@@ -60,9 +79,19 @@ class FlyLoRAConfig(MixtureConfig):
         default=32, metadata={"help": "Scaling numerator: the update is scaled by alpha / r."}
     )
     top_k: int = field(default=8, metadata={"help": "Ranks activated per token (1 <= top_k <= r)."})
-    a_density: float = field(
-        default=0.25,
-        metadata={"help": "Fraction of non-zero entries in each row of the frozen random A, in (0, 1]."},
+    a_density: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction of non-zero entries in each row of the frozen random A, in (0, 1]; None: the "
+            "authors' d_in // (r // top_k) non-zeros per row."
+        },
+    )
+    selection: str = field(
+        default="signed",
+        metadata={
+            "help": "Rank selection: 'signed' = top_k(y + b) (the authors' experiment code), 'magnitude' = "
+            "top_k(|y + b|) (FlyLoRA's minimal reference)."
+        },
     )
     bias_update_rate: float = field(
         default=1e-3,
@@ -76,29 +105,41 @@ class FlyLoRAConfig(MixtureConfig):
         self.peft_type = ComolPeftType.FLYLORA
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.r:
             raise ValueError(f"top_k must be an integer between 1 and r={self.r}, got {self.top_k!r}.")
-        if not 0.0 < self.a_density <= 1.0:
-            raise ValueError(f"a_density must be in (0, 1], got {self.a_density!r}.")
+        if self.a_density is not None and not 0.0 < self.a_density <= 1.0:
+            raise ValueError(f"a_density must be None or in (0, 1], got {self.a_density!r}.")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}.")
         if self.bias_update_rate < 0:
             raise ValueError(f"bias_update_rate must be >= 0, got {self.bias_update_rate!r}.")
 
 
+def nonzeros_per_row(d_in: int, r: int, top_k: int, density: float | None = None) -> int:
+    """Non-zeros ``p`` per row of ``A``: ``d_in // (r // top_k)`` (the authors' rule) when ``density`` is
+    None, else ``round(density * d_in)``; at least 1."""
+    if density is None:
+        return max(1, d_in // (r // top_k))
+    return max(1, round(density * d_in))
+
+
 def sparse_random_projection(
-    r: int, d_in: int, density: float, generator: torch.Generator | None = None
+    r: int, d_in: int, nnz: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """A frozen FlyLoRA down projection.
 
     Args:
         r: rows (rank).
         d_in: columns (input features).
-        density: fraction of non-zeros per row; each row gets ``max(1, round(density * d_in))``.
+        nnz: non-zeros per row (see :func:`nonzeros_per_row`), in ``[1, d_in]``.
         generator: random generator (the global one if None).
 
     Returns:
-        ``(r, d_in)`` float32, each row with exactly ``nnz`` non-zeros drawn from ``N(0, 1 / nnz)``.
+        ``(r, d_in)`` float32, each row with exactly ``nnz`` non-zeros at uniformly random columns, drawn
+        from ``N(0, 1 / r^2)``.
     """
-    nnz = max(1, round(density * d_in))
+    if not 1 <= nnz <= d_in:
+        raise ValueError(f"nnz must be in [1, d_in={d_in}], got {nnz!r}.")
     columns = torch.rand(r, d_in, generator=generator).topk(nnz, dim=-1).indices  # (r, nnz)
-    values = torch.randn(r, nnz, generator=generator) / math.sqrt(nnz)
+    values = torch.randn(r, nnz, generator=generator) / r
     return torch.zeros(r, d_in).scatter_(-1, columns, values)
 
 
@@ -124,9 +165,8 @@ class FlyLoRALayer(MixtureLayer):
     @torch.no_grad()
     def reset_adapter(self, adapter_name: str, config: FlyLoRAConfig) -> None:
         if not self.get_base_layer().weight.is_meta:  # nothing to draw when only counting parameters
-            self.flylora_A[adapter_name] = sparse_random_projection(
-                config.r, self.in_features, config.a_density
-            )
+            nnz = nonzeros_per_row(self.in_features, config.r, config.top_k, config.a_density)
+            self.flylora_A[adapter_name] = sparse_random_projection(config.r, self.in_features, nnz)
         self.flylora_bias[adapter_name].zero_()
         self._load.pop(adapter_name, None)
         if config.init_weights:
@@ -135,10 +175,13 @@ class FlyLoRALayer(MixtureLayer):
             nn.init.kaiming_uniform_(self.flylora_B[adapter_name].weight, a=math.sqrt(5))
 
     def select_ranks(self, adapter_name: str, y: torch.Tensor) -> torch.Tensor:
-        """The 0/1 mask ``(..., r)`` float32 of the ``top_k`` ranks of codes ``y (..., r)``."""
-        k = self.adapter_config[adapter_name].top_k
-        scores = y.detach().float().abs() + self.flylora_bias[adapter_name].float()  # (..., r)
-        index = scores.topk(k, dim=-1).indices  # (..., k)
+        """The 0/1 mask ``(..., r)`` float32 of the ``top_k`` ranks of codes ``y (..., r)``: the largest
+        ``y + b`` (``selection="signed"``) or ``|y + b|`` (``"magnitude"``)."""
+        config: FlyLoRAConfig = self.adapter_config[adapter_name]
+        scores = y.detach().float() + self.flylora_bias[adapter_name].float()  # (..., r)
+        if config.selection == "magnitude":
+            scores = scores.abs()
+        index = scores.topk(config.top_k, dim=-1).indices  # (..., k)
         return torch.zeros_like(scores).scatter_(-1, index, 1.0)
 
     def adapter_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
