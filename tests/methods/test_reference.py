@@ -14,19 +14,25 @@ import naive
 from cases import TARGETS
 from conftest import randomize_adapter, tiny_model
 
-# (method, extra config options, naive reference)
+# (method, config options, naive reference). Routed methods get E = 3 experts; FlyLoRA and DenseLoRA have
+# no router (and no ``num_experts``).
+_E = {"num_experts": 3}
 REFERENCES = [
-    ("comol", {}, naive.comol),
-    ("comol", {"core_router": False}, naive.comol),
-    ("comol", {"router_top_k": 2}, naive.comol),
-    ("molora", {}, naive.molora),
-    ("hydralora", {}, naive.hydralora),
-    ("mola", {"router_top_k": 2}, naive.mola),
-    ("adamole", {}, naive.adamole),
-    ("adamole", {"max_threshold": 0.5}, naive.adamole),
-    ("smear", {}, naive.smear),
+    ("comol", _E, naive.comol),
+    ("comol", {**_E, "core_router": False}, naive.comol),
+    ("comol", {**_E, "router_top_k": 2}, naive.comol),
+    ("molora", _E, naive.molora),
+    ("hydralora", _E, naive.hydralora),
+    ("mola", {**_E, "router_top_k": 2}, naive.mola),
+    ("adamole", _E, naive.adamole),
+    ("adamole", {**_E, "max_threshold": 0.5}, naive.adamole),
+    ("smear", _E, naive.smear),
+    ("flylora", {"top_k": 2}, naive.flylora),
+    ("flylora", {"top_k": 2, "selection": "magnitude"}, naive.flylora),
+    ("denselora", {}, naive.denselora),
+    ("denselora", {"activation": "silu"}, naive.denselora),
 ]
-IDS = [f"{method}-{'-'.join(map(str, kw.values())) or 'default'}" for method, kw, _ in REFERENCES]
+IDS = [f"{method}-{'-'.join(map(str, kw.values()))}" for method, kw, _ in REFERENCES]
 
 
 class Wrapper(nn.Module):
@@ -38,57 +44,9 @@ class Wrapper(nn.Module):
         return self.proj(x)
 
 
-def single_layer(method: str, **kwargs):
-    torch.manual_seed(0)
-    config = build_config(method, r=4, lora_alpha=8, num_experts=4, target_modules=["proj"], **kwargs)
-    model = get_peft_model(Wrapper().double(), config)
-    randomize_adapter(model, std=0.5)
-    return model.base_model.model.proj
-
-
-@pytest.mark.parametrize(("method", "kwargs", "reference"), REFERENCES, ids=IDS)
-@pytest.mark.parametrize("shape", [(5, 12), (3, 5, 12)])
-def test_layer_matches_paper_formula_float64(method, kwargs, reference, shape):
-    layer = single_layer(method, **kwargs)
-    x = torch.randn(*shape, dtype=torch.float64)
-    torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize(("method", "kwargs", "reference"), REFERENCES, ids=IDS)
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_model_layers_match_paper_formula_float64(method, kwargs, reference, family, input_ids):
-    config = build_config(method, r=4, lora_alpha=4, num_experts=3, target_modules=TARGETS, **kwargs)
-    model = get_peft_model(tiny_model(family, dtype=torch.float64), config)
-    randomize_adapter(model, std=0.2)
-    captured = {}
-    hooks = [
-        layer.register_forward_hook(lambda mod, args, out, key=key: captured.__setitem__(key, (args[0], out)))
-        for key, layer in mixture_layers(model).items()
-    ]
-    model(input_ids)
-    for hook in hooks:
-        hook.remove()
-    assert len(captured) == 2 * len(TARGETS)
-    for key, (x, out) in captured.items():
-        torch.testing.assert_close(
-            out, reference(model.get_submodule(key), x), rtol=1e-10, atol=1e-10, msg=key
-        )
-
-
-# Methods without a learned router (no ``num_experts``): (method, extra config options, naive reference)
-UNROUTED_REFERENCES = [
-    ("flylora", {"top_k": 2}, naive.flylora),
-    ("flylora", {"top_k": 2, "selection": "magnitude"}, naive.flylora),
-    ("denselora", {}, naive.denselora),
-    ("denselora", {"activation": "silu"}, naive.denselora),
-]
-UNROUTED_IDS = [
-    f"{method}-{'-'.join(map(str, kw.values())) or 'default'}" for method, kw, _ in UNROUTED_REFERENCES
-]
-
-
-def _randomize_balancing_bias(model: nn.Module, std: float = 0.3) -> None:
-    """FlyLoRA's bias is a buffer (zero at init, not randomized with the parameters): give it values too."""
+def randomize(model: nn.Module, std: float) -> None:
+    """Random adapter parameters, and random values for FlyLoRA's balancing bias (a buffer, zero at init)."""
+    randomize_adapter(model, std=std)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, buffer in model.named_buffers():
@@ -96,26 +54,24 @@ def _randomize_balancing_bias(model: nn.Module, std: float = 0.3) -> None:
                 buffer.copy_(torch.randn(buffer.shape, generator=gen, dtype=torch.float64).to(buffer) * std)
 
 
-@pytest.mark.parametrize(("method", "kwargs", "reference"), UNROUTED_REFERENCES, ids=UNROUTED_IDS)
+@pytest.mark.parametrize(("method", "kwargs", "reference"), REFERENCES, ids=IDS)
 @pytest.mark.parametrize("shape", [(5, 12), (3, 5, 12)])
-def test_unrouted_layer_matches_paper_formula_float64(method, kwargs, reference, shape):
+def test_layer_matches_paper_formula_float64(method, kwargs, reference, shape):
     torch.manual_seed(0)
     config = build_config(method, r=4, lora_alpha=8, target_modules=["proj"], **kwargs)
     model = get_peft_model(Wrapper().double(), config)
-    randomize_adapter(model, std=0.5)
-    _randomize_balancing_bias(model)
+    randomize(model, std=0.5)
     layer = model.base_model.model.proj
     x = torch.randn(*shape, dtype=torch.float64)
     torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize(("method", "kwargs", "reference"), UNROUTED_REFERENCES, ids=UNROUTED_IDS)
+@pytest.mark.parametrize(("method", "kwargs", "reference"), REFERENCES, ids=IDS)
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_unrouted_model_layers_match_paper_formula_float64(method, kwargs, reference, family, input_ids):
+def test_model_layers_match_paper_formula_float64(method, kwargs, reference, family, input_ids):
     config = build_config(method, r=4, lora_alpha=4, target_modules=TARGETS, **kwargs)
     model = get_peft_model(tiny_model(family, dtype=torch.float64), config)
-    randomize_adapter(model, std=0.2)
-    _randomize_balancing_bias(model, std=0.1)
+    randomize(model, std=0.2)
     captured = {}
     hooks = [
         layer.register_forward_hook(lambda mod, args, out, key=key: captured.__setitem__(key, (args[0], out)))
