@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-ADAPTER_KEYS = ("lora_A", "lora_B", "comol_A", "comol_B", "comol_cores", "comol_router")
+ZERO_OVERRIDES_ENV = "COMOL_TEST_ZERO_OPTIMIZATION"
+"""JSON object merged into the DeepSpeed config's ``zero_optimization`` section (test-only, see
+:func:`override_zero_optimization`)."""
 
 
 def treat_cpu_as_accelerator() -> None:
@@ -43,6 +45,33 @@ def treat_cpu_as_accelerator() -> None:
     os.environ["ACCELERATE_USE_CPU"] = "false"  # keeps comol's run.py off the MULTI_CPU path
 
 
+def override_zero_optimization() -> None:
+    """Merge ``$COMOL_TEST_ZERO_OPTIMIZATION`` (JSON) into the ``zero_optimization`` section of the DeepSpeed
+    config that accelerate builds from the shipped accelerate config file.
+
+    The tests set ``stage3_param_persistence_threshold: 0``: DeepSpeed keeps every parameter smaller than that
+    threshold (1e5 elements by default) whole on every rank, which on the tiny test model is every adapter
+    parameter, so without it ZeRO-3 would never have to gather an adapter parameter on use. accelerate's
+    config file has no key for it, and ``--deepspeed_config_file`` cannot be combined with a config file that
+    sets ``zero_stage`` (accelerate refuses it), so the worker patches the plugin right after accelerate (or
+    the ``TrainingArguments``, under ``accelerate launch``) builds it, before anything reads the config.
+    """
+    import json
+
+    from accelerate.utils import DeepSpeedPlugin
+
+    overrides = json.loads(os.environ.get(ZERO_OVERRIDES_ENV) or "{}")
+    if not overrides:
+        return
+    original = DeepSpeedPlugin.__post_init__
+
+    def __post_init__(self: Any) -> None:
+        original(self)
+        self.deepspeed_config.setdefault("zero_optimization", {}).update(overrides)
+
+    DeepSpeedPlugin.__post_init__ = __post_init__
+
+
 def describe(param: torch.Tensor) -> dict[str, Any]:
     """Global shape, this rank's local storage shape and the kind of sharding of one parameter."""
     from torch.distributed.tensor import DTensor
@@ -61,17 +90,29 @@ def describe(param: torch.Tensor) -> dict[str, Any]:
             "local": tuple(param.ds_tensor.shape),
             "data": tuple(param.data.shape),  # empty between uses unless small enough to persist
             "persist": bool(getattr(param, "ds_persist", False)),
+            "status": str(getattr(param, "ds_status", None)),  # ZeroParamStatus.NOT_AVAILABLE between uses
         }
     return {"kind": "plain", "shape": tuple(param.shape), "local": tuple(param.shape)}
 
 
 class ShardingProbe(TrainerCallback):
-    """Records, at the end of the first optimiser step, how every adapter parameter is held on this rank."""
+    """Records how the model's parameters are held on this rank.
+
+    - ``loaded``: right after ``Trainer.__init__`` (before ``accelerator.prepare`` / ``deepspeed.initialize``),
+      how the base model's parameters are held: ZeRO-3 partitioned only if the model was loaded under
+      ``deepspeed.zero.Init`` (``zero3_init_flag``);
+    - ``params``: at the end of the first optimiser step (outside any forward), every trainable parameter.
+    """
 
     def __init__(self) -> None:
         self.params: dict[str, dict[str, Any]] = {}
+        self.loaded: dict[str, dict[str, Any]] = {}
         self.zero2: dict[str, int] | None = None
         self.model_class = ""
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        model = kwargs["model"]
+        self.loaded = {name: describe(p) for name, p in model.named_parameters() if not p.requires_grad}
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.params:
@@ -79,7 +120,7 @@ class ShardingProbe(TrainerCallback):
         model = kwargs["model"]
         self.model_class = type(model).__name__
         for name, param in model.named_parameters():
-            if any(f".{key}." in name for key in ADAPTER_KEYS):
+            if param.requires_grad:  # the adapter's trainable tensors, whatever the method calls them
                 self.params[name] = describe(param)
         optimizer = kwargs.get("optimizer")
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
@@ -112,6 +153,7 @@ def full_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     treat_cpu_as_accelerator()
+    override_zero_optimization()
     from comol.training.config import load_config
     from comol.training.run import train
 
@@ -131,6 +173,7 @@ def main(argv: list[str]) -> None:
             "distributed_type": str(accelerate_state.distributed_type),
             "model_class": probe.model_class,
             "params": probe.params,
+            "loaded": probe.loaded,
             "zero2": probe.zero2,
             "state": full_adapter_state(result.model),
         },

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,17 +13,11 @@ from peft import get_peft_model_state_dict
 from comol.training.config import load_config
 from comol.training.run import train
 
-from .tiny import tiny_overrides
+from .tiny import free_port, launch_env, tiny_overrides
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 SGD_LR = 10.0
 RTOL, ATOL = 1e-5, 1e-6
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -53,12 +45,6 @@ def test_ddp_matches_single_process(
     ddp = tiny_overrides(
         tiny_model_dir, arithmetic_file, tmp_path / "ddp", **common, **{"train.micro_batch_size": 2}
     )
-    env = {
-        **os.environ,
-        "CUDA_VISIBLE_DEVICES": "",
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
     command = [
         sys.executable,
         "-m",
@@ -68,12 +54,12 @@ def test_ddp_matches_single_process(
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(WORKER),
         str(tmp_path),
         *ddp,
     ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, env=launch_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]

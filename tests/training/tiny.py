@@ -1,7 +1,10 @@
-"""Builders for the training tests: a character tokenizer, a tiny Llama and fast run overrides."""
+"""Builders for the training tests: a character tokenizer, a tiny Llama, fast run overrides, and what the
+multi-process tests need to launch (a free port, a CPU environment)."""
 
 from __future__ import annotations
 
+import os
+import socket
 import string
 from pathlib import Path
 
@@ -62,3 +65,21 @@ def tiny_overrides(model_dir: Path, data_file: Path, output_dir: Path, **extra: 
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a launcher's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    """The environment of a multi-process CPU launch: no CUDA, one thread per process."""
+    return {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **extra,
+    }

@@ -403,7 +403,7 @@ def load_smollm2() -> nn.Module:
 
 
 def model_variants(experts: list[int]) -> list[LayerVariant]:
-    """LoRA, CoMoL at the smallest and largest E of the grid, and the baselines at E=8."""
+    """LoRA, CoMoL at the smallest and largest E of the grid, MoLoRA/HydraLoRA at the smallest, SparseMoA."""
     import comol
 
     available = set(comol.method_names())
@@ -414,6 +414,8 @@ def model_variants(experts: list[int]) -> list[LayerVariant]:
     for name in ("molora", "hydralora"):
         if name in available:
             variants.append(LayerVariant(f"{name} E={e_small}", name, {"num_experts": e_small}))
+    if "sparsemoa" in available:  # experts fixed by the model: one per adapted linear of a block + 1
+        variants.append(LayerVariant("sparsemoa", "sparsemoa", {}))
     return variants
 
 

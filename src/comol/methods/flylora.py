@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
@@ -211,11 +212,21 @@ class FlyLoRALayer(MixtureLayer):
 
     @torch.no_grad()
     def update_bias(self, adapter_name: str) -> None:
-        """Apply ``b += u * sign(mean(c) - c)`` with the loads ``c`` counted since the last call, then reset them."""
+        """Apply ``b += u * sign(mean(c) - c)`` with the loads ``c`` counted since the last call, then reset them.
+
+        Under data parallelism (DDP, FSDP, DeepSpeed) ``c`` is summed over all processes first, so that every
+        process takes the same step from the loads of the whole global batch.
+        """
         load = self._load.pop(adapter_name, None)
-        if load is None or adapter_name not in self.flylora_bias:
+        if adapter_name not in self.flylora_bias:
             return
         bias = self.flylora_bias[adapter_name]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Every process calls this after every optimizer step; one that saw no token adds zeros.
+            load = torch.zeros(bias.shape, device=bias.device) if load is None else load.float()
+            dist.all_reduce(load)
+        if load is None:
+            return
         step = self.adapter_config[adapter_name].bias_update_rate * torch.sign(load.mean() - load)
         bias.add_(step.to(bias))
 

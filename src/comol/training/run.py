@@ -119,6 +119,7 @@ def train(
         # Several processes without GPUs (e.g. torchrun on CPU): accelerate needs this to form a gloo group.
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     state = PartialState(cpu=_env_flag("ACCELERATE_USE_CPU"))
+    check_distributed_type(state.distributed_type)
     # 1. Everything checkable without the model.
     config.validate_method()
     output_dir = Path(config.train.output_dir)
@@ -145,10 +146,15 @@ def train(
     )
     logger.info("Data: %d training and %d validation examples.", len(train_examples), len(eval_examples))
 
-    # 3. Model and adapter.
+    # 3. Model and adapter. The TrainingArguments come first: under `accelerate launch` with a DeepSpeed ZeRO-3
+    # config they register the DeepSpeed config with transformers, so that from_pretrained loads the model
+    # already partitioned (deepspeed.zero.Init, the accelerate config's zero3_init_flag) instead of whole on
+    # every process.
+    args = training_arguments(config)
     if model is None:
         model = load_model(config)
     peft_model = attach_adapter(model, config)
+    check_fsdp2_buffers(peft_model)
     if config.train.gradient_checkpointing:
         peft_model.enable_input_require_grads()
 
@@ -160,7 +166,10 @@ def train(
     state.wait_for_everyone()
 
     # 5. Train.
-    trainer = build_trainer(config, peft_model, tokenizer, train_examples, eval_examples, callbacks)
+    trainer = build_trainer(
+        config, peft_model, tokenizer, train_examples, eval_examples, callbacks, args=args
+    )
+    check_distributed_type(trainer.accelerator.distributed_type)
     if checkpoint is not None:
         logger.info("Resuming from %s.", checkpoint)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
@@ -249,8 +258,8 @@ def attach_adapter(model: torch.nn.Module, config: TrainConfig) -> Any:
     _drop_gguf_quantizer(model)
     peft_config = config.adapter.build(target_modules=resolve_target_modules(model, config))
     peft_model = peft.get_peft_model(model, peft_config)
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in peft_model.parameters())
+    trainable = sum(_numel(p) for p in peft_model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in peft_model.parameters())
     logger.info(
         "Method %s: %s trainable parameters (%.3f%% of %s).",
         config.adapter.method,
@@ -259,6 +268,79 @@ def attach_adapter(model: torch.nn.Module, config: TrainConfig) -> Any:
         f"{total:,}",
     )
     return peft_model
+
+
+def _numel(param: torch.Tensor) -> int:
+    # A parameter partitioned by DeepSpeed ZeRO-3 (loaded under zero.Init) is an empty placeholder; ds_numel is
+    # its full size.
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def check_distributed_type(distributed_type: Any) -> None:
+    """Fail if ``accelerate launch`` was asked for FSDP or DeepSpeed but accelerate set up something else.
+
+    ``accelerate launch`` with an FSDP or DeepSpeed config sets ``ACCELERATE_USE_FSDP`` /
+    ``ACCELERATE_USE_DEEPSPEED``; accelerate only honours them on accelerator devices. On a machine without
+    CUDA it quietly falls back to plain data parallelism (``MULTI_CPU``) or to a single process (``NO``), so
+    the run would train unsharded while the user believes it is sharded. Called with the ``PartialState``'s
+    type before anything is loaded (which never says ``FSDP``: only a process group on devices fits) and with
+    the ``Accelerator``'s once the Trainer exists (which must then say ``FSDP`` or ``DEEPSPEED``).
+
+    Args:
+        distributed_type: an ``accelerate.utils.DistributedType``.
+
+    Raises:
+        ValueError: the requested strategy is not what accelerate set up.
+    """
+    from accelerate.utils import DistributedType
+
+    requested = [
+        (name, kind)
+        for name, kind in (("DeepSpeed", DistributedType.DEEPSPEED), ("FSDP", DistributedType.FSDP))
+        if _env_flag(f"ACCELERATE_USE_{name.upper()}")
+    ]
+    if not requested:
+        return
+    name, kind = requested[0]
+    if distributed_type == kind:
+        return
+    # Before the Accelerator exists, FSDP shows as a multi-device process group (MULTI_GPU, MULTI_XPU, ...).
+    if kind == DistributedType.FSDP and distributed_type not in (
+        DistributedType.NO,
+        DistributedType.MULTI_CPU,
+    ):
+        return
+    raise ValueError(
+        f"The accelerate config asks for {name} (ACCELERATE_USE_{name.upper()}=true), but accelerate set up "
+        f"{getattr(distributed_type, 'value', distributed_type)} instead, so the model would not be sharded. "
+        "FSDP and DeepSpeed need CUDA devices (one process per GPU, launched with accelerate launch); "
+        f"this machine has {torch.cuda.device_count()} visible CUDA device(s). On CPU use "
+        "configs/accelerate/ddp.yaml (plain data parallelism over gloo) or torchrun instead."
+    )
+
+
+def check_fsdp2_buffers(peft_model: torch.nn.Module) -> None:
+    """Fail before training if FSDP2's RAM-efficient loading would meet adapter buffers.
+
+    With ``fsdp_cpu_ram_efficient_loading`` accelerate loads the full state dict on rank 0 and distributes it
+    as sharded DTensors, which works for parameters only: an adapter's persistent buffers (FlyLoRA's frozen
+    ``A`` and balancing bias) end in ``AttributeError: 'Tensor' object has no attribute 'device_mesh'`` after
+    the model has been loaded everywhere. Raises a ValueError naming the launch flag that avoids it.
+    """
+    if not (
+        _env_flag("ACCELERATE_USE_FSDP")
+        and os.environ.get("FSDP_VERSION") == "2"
+        and _env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING")
+    ):
+        return
+    prefix = getattr(getattr(peft_model, "base_model", None), "prefix", None)
+    buffers = [name for name, _ in peft_model.named_buffers() if prefix and prefix in name]
+    if buffers:
+        raise ValueError(
+            f"This adapter keeps tensors as buffers ({buffers[0]}, ...), which accelerate's FSDP2 loading with "
+            "fsdp_cpu_ram_efficient_loading cannot distribute. Launch with `accelerate launch --config_file "
+            "configs/accelerate/fsdp.yaml --fsdp_cpu_ram_efficient_loading false ...`."
+        )
 
 
 def _drop_gguf_quantizer(model: torch.nn.Module) -> None:
@@ -278,6 +360,8 @@ def training_arguments(config: TrainConfig) -> Any:
     from transformers import TrainingArguments
 
     t = config.train
+    if t.logging_steps and "tensorboard" in t.report_to:
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(t.output_dir, "runs"))
     kwargs = _training_kwargs(config)
     if t.trainer == "trl":
         from trl import SFTConfig
@@ -366,13 +450,16 @@ def build_trainer(
     train_examples: list[dict[str, list[int]]],
     eval_examples: list[dict[str, list[int]]],
     callbacks: list[Any] | None = None,
+    args: Any = None,
 ) -> Any:
-    """A :class:`ComolTrainer` (or TRL-based equivalent) ready to ``train()``."""
+    """A :class:`ComolTrainer` (or TRL-based equivalent) ready to ``train()``.
+
+    ``args`` are the run's ``TrainingArguments`` (default: :func:`training_arguments` of ``config``).
+    """
     import datasets
 
-    if config.train.logging_steps and "tensorboard" in config.train.report_to:
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(config.train.output_dir, "runs"))
-    args = training_arguments(config)
+    if args is None:
+        args = training_arguments(config)
     train_dataset = datasets.Dataset.from_list(train_examples)
     eval_dataset = datasets.Dataset.from_list(eval_examples) if eval_examples else None
     collator = CausalLMCollator(pad_token_id=tokenizer.pad_token_id)
