@@ -13,11 +13,9 @@ from peft import get_peft_model_state_dict
 from comol.training.config import load_config
 from comol.training.run import train
 
-from .tiny import free_port, launch_env, tiny_overrides
+from .tiny import ATOL, RTOL, SGD_COMPARISON, free_port, launch_env, tiny_overrides
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-SGD_LR = 10.0
-RTOL, ATOL = 1e-5, 1e-6
 
 
 @pytest.mark.slow
@@ -25,18 +23,10 @@ RTOL, ATOL = 1e-5, 1e-6
 def test_ddp_matches_single_process(
     method: str, tiny_model_dir: Path, arithmetic_file: Path, tmp_path: Path
 ) -> None:
-    # Plain SGD, not AdamW: DDP averages two half-batch gradients, whose float rounding differs from the
-    # one full-batch gradient by ~1e-8; SGD's update is linear in the gradient, so that stays ~lr * 1e-8,
-    # whereas Adam's m / sqrt(v) blows it up arbitrarily for elements whose gradient is near zero. The
-    # learning rate is large because the tiny model's gradients are small (norm ~0.1): the adapters must
-    # really move for the comparison to mean anything (checked below).
+    # Plain SGD with a large learning rate (see tiny.SGD_COMPARISON); the B weights must really move.
     common = {
         "adapter.method": method,
-        "train.max_steps": 3,
-        "train.gradient_accumulation_steps": 1,
-        "train.save_steps": 2,
-        "train.optim": "sgd",
-        "train.learning_rate": SGD_LR,
+        **SGD_COMPARISON,
     }
     if method == "comol":
         # No balancing loss here: it is a non-linear function of the batch, so its mean over two half

@@ -34,12 +34,10 @@ import comol  # noqa: F401  (registers comol's methods with peft, for PeftModel.
 from comol.training.config import load_config
 from comol.training.run import train
 
-from .tiny import free_port, launch_env, tiny_overrides
+from .tiny import ATOL, RTOL, SGD_COMPARISON, free_port, launch_env, tiny_overrides
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
-SGD_LR = 10.0
-RTOL, ATOL = 1e-5, 1e-6
 # Test-only DeepSpeed setting (sharded_worker.override_zero_optimization): partition every parameter.
 FORCE_PARTITIONING = {"stage3_param_persistence_threshold": 0}
 
@@ -102,11 +100,7 @@ def _common(case: str, **extra: object) -> dict[str, object]:
     method, options, _, _ = CASES[case]
     common: dict[str, object] = {
         "adapter.method": method,
-        "train.max_steps": 3,
-        "train.gradient_accumulation_steps": 1,
-        "train.save_steps": 2,
-        "train.optim": "sgd",
-        "train.learning_rate": SGD_LR,
+        **SGD_COMPARISON,
     }
     if options is not None:
         common["adapter.options"] = options

@@ -67,6 +67,20 @@ def tiny_overrides(model_dir: Path, data_file: Path, output_dir: Path, **extra: 
     return [f"{k}={v}" for k, v in base.items()]
 
 
+# Multi-process runs compared with one process over the same global batch (tests/training/test_ddp.py,
+# test_sharded.py): plain SGD, whose update is linear in the gradient, so the different float summation of
+# the distributed runs stays at rounding level (Adam's m / sqrt(v) would amplify it for near-zero
+# gradients); a large learning rate, since the tiny model's gradients are small and the adapters must move.
+RTOL, ATOL = 1e-5, 1e-6
+SGD_COMPARISON: dict[str, object] = {
+    "train.max_steps": 3,
+    "train.gradient_accumulation_steps": 1,
+    "train.save_steps": 2,
+    "train.optim": "sgd",
+    "train.learning_rate": 10.0,
+}
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface, for a launcher's rendezvous."""
     with socket.socket() as sock:
