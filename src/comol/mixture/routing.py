@@ -51,9 +51,9 @@ def gate_entropy(gates: torch.Tensor) -> torch.Tensor:
         gates: ``(..., E)``, non-negative and summing to 1.
 
     Returns:
-        ``(...)`` entropies, 0 for a one-hot gate and ``log E`` for a uniform one.
+        ``(...)`` entropies in at least float32, 0 for a one-hot gate and ``log E`` for a uniform one.
     """
-    gates = gates.float()
+    gates = gates.to(torch.promote_types(gates.dtype, torch.float32))
     return -(gates * torch.log(gates.clamp_min(1e-30))).sum(dim=-1)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from comol.mixture import routing
 from comol.mixture.model import routers
 from comol.mixture.observe import RoutingObserver
 
@@ -77,7 +78,7 @@ class RouterStats:
             # Entropy of each token's share of gate mass (the gates themselves for softmax routers, whose
             # gates sum to 1; SparseMoA's independent sigmoid gates are normalised first).
             share = gates / gates.sum(-1, keepdim=True).clamp_min(1e-30)
-            entropy = -(share * torch.log(share.clamp_min(1e-30))).sum()
+            entropy = routing.gate_entropy(share).sum()
             active = (gates > 0).sum()
         entry = self._sums.get(key)
         if entry is None:
