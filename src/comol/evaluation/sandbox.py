@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Literal
 
 from comol.evaluation import sandbox_child
-from comol.evaluation.sandbox_child import WORK_DIR, kill_uid
+from comol.evaluation.sandbox_child import WORK_DIR, kill_uid, read_status, remove_files_of
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,6 @@ Status = Literal["passed", "failed", "timeout"]
 _MARKER_PREFIX = "__comol_sandbox_done__"
 _CHILD_SOURCE = Path(sandbox_child.__file__).read_text(encoding="utf-8")
 LAYERS = ("unprivileged_uid", "namespaces", "private_tmp", "read_only_root", "unix_socket_filter")
-_SHARED_TMP = ("/tmp", "/var/tmp", "/dev/shm")
 
 
 class SandboxError(RuntimeError):
@@ -130,6 +129,7 @@ class _Plan:
 
     python: str
     unshare: str | None
+    setpriv: str | None
     layers: dict[str, bool]
     notes: list[str] = field(default_factory=list)
 
@@ -210,10 +210,19 @@ class Sandbox:
         notes: list[str] = []
         if root and chosen is None:
             notes.append(f"no interpreter of {candidates} is executable by uid {self.uid_base}")
-        plan = _Plan(python=chosen or candidates[0], unshare=None, layers=layers, notes=notes)
+        setpriv = shutil.which("setpriv")
+        if setpriv is not None and not self._quiet([setpriv, "--pdeathsig", "KILL", "true"]):
+            setpriv = None
+        plan = _Plan(
+            python=chosen or candidates[0], unshare=None, setpriv=setpriv, layers=layers, notes=notes
+        )
         unshare = shutil.which("unshare") if isolation != "none" else None
         if isolation != "none" and unshare is None:
             notes.append("unshare (util-linux) not found")
+        if unshare is not None and setpriv is None:
+            notes.append(
+                "setpriv (util-linux) not found: only the watchdog stops unshare if the evaluator dies"
+            )
         wanted = {"namespaces": unshare is not None, "private_tmp": unshare is not None}
         wanted |= {"read_only_root": unshare is not None, "unix_socket_filter": True}
         plan.unshare = unshare
@@ -395,6 +404,8 @@ class Sandbox:
         if layers["namespaces"]:
             assert self._plan.unshare is not None
             cmd = [self._plan.unshare, *_unshare_flags(root), *cmd]
+            if self._plan.setpriv is not None:  # unshare dies with the evaluator's thread
+                cmd = [self._plan.setpriv, "--pdeathsig", "KILL", *cmd]
             popen_kwargs["cwd"] = "/"
         else:
             popen_kwargs["cwd"] = work
@@ -433,7 +444,7 @@ class Sandbox:
                     self._kill_tree(proc)
                     self._tell_watchdog("-", proc.pid, started)
             duration = time.monotonic() - start
-            status = _read_status(status_r)
+            status = read_status(status_r)
             stdout = self._tail(out_path)
             stderr = self._tail(err_path)
         finally:
@@ -447,7 +458,7 @@ class Sandbox:
                         "Processes of sandbox uid %d survived repeated SIGKILL: %s", uid, survivors
                     )
                 if not layers["private_tmp"]:
-                    _remove_files_of(uid)
+                    remove_files_of(uid)
             shutil.rmtree(host_dir, ignore_errors=True)
         if status != "ok" and not (timed_out and not status and not probing):
             message = status or f"the sandbox exited ({proc.returncode}) before its setup finished"
@@ -484,28 +495,3 @@ _STEP_OF_LAYER = {
     "read_only_root": "read_only",
     "unix_socket_filter": "seccomp",
 }
-
-
-def _read_status(fd: int) -> str:
-    """What the bootstrap wrote to the status pipe (``ok``, an error, or nothing if it died first)."""
-    os.set_blocking(fd, False)
-    chunks: list[bytes] = []
-    with contextlib.suppress(BlockingIOError):
-        while chunk := os.read(fd, 4096):
-            chunks.append(chunk)
-    return b"".join(chunks).decode("utf-8", errors="replace")
-
-
-def _remove_files_of(uid: int) -> None:
-    """Without private mounts: delete what ``uid`` left at the top of the shared temporary directories."""
-    for directory in _SHARED_TMP:
-        with contextlib.suppress(OSError), os.scandir(directory) as entries:
-            for entry in entries:
-                with contextlib.suppress(OSError):
-                    if entry.stat(follow_symlinks=False).st_uid != uid:
-                        continue
-                    if entry.is_dir(follow_symlinks=False):
-                        shutil.rmtree(entry.path, ignore_errors=True)
-                    else:
-                        os.unlink(entry.path)
-

@@ -2,7 +2,7 @@
 
 Stand-alone (standard library only, Linux only): :mod:`comol.evaluation.sandbox` passes this file's text to
 ``python -I -B -c``, so it runs without comol installed, as another user, inside the namespaces. The host
-side imports it only for :func:`pids_of_uid` and :func:`kill_uid`.
+side imports its helpers at the end (killing a uid's processes, reading the status pipe, cleaning up).
 
 ``python -c SOURCE run`` reads one JSON line of settings from stdin, then the program, and
 
@@ -42,6 +42,7 @@ import time
 
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run", "/var/run", "/var/lock")
 WORK_DIR = "/tmp/work"
+SHARED_TMP = ("/tmp", "/var/tmp", "/dev/shm")  # emptied of the uid's files when not private
 SETUP_FAILED = 121
 
 _MS_NOSUID, _MS_NODEV, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x4000, 0x40000
@@ -282,6 +283,30 @@ def kill_uid(uid: int, attempts: int = 50) -> list[int]:
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.02)
     return pids_of_uid(uid)
+
+
+def read_status(fd: int) -> str:
+    """What the bootstrap wrote to the status pipe (``ok``, an error, or nothing if it died first)."""
+    os.set_blocking(fd, False)
+    chunks: list[bytes] = []
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 4096):
+            chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+def remove_files_of(uid: int) -> None:
+    """Without private mounts: delete what ``uid`` left at the top of the shared temporary directories."""
+    for directory in SHARED_TMP:
+        with contextlib.suppress(OSError), os.scandir(directory) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if entry.stat(follow_symlinks=False).st_uid != uid:
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        os.unlink(entry.path)
 
 
 def watch(root: str, uids: list[int]) -> None:
