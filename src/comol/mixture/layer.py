@@ -145,9 +145,28 @@ class MixtureLayer(nn.Module, BaseTunerLayer, RoutingObserver):
     def after_optimizer_step(self, adapter_name: str) -> None:
         """Non-gradient state updates after each optimizer step (e.g. FlyLoRA's balancing bias). Default: none."""
 
+    def layer_num_experts(self, adapter_name: str) -> int | None:
+        """Experts ``E`` of this adapter in this layer (None for a method without a per-layer router)."""
+        return getattr(self.adapter_config[adapter_name], "num_experts", None)
+
     def static_gates(self, adapter_name: str) -> torch.Tensor | None:
-        """``(E,)`` gates if they do not depend on the input (then the adapter can be merged), else None."""
-        return None
+        """``(E,)`` gates if they do not depend on the input (then the adapter can be merged), else None.
+
+        Default: a single expert (softmax over one expert is 1 for every token); otherwise routed.
+        """
+        return torch.ones(1) if self.layer_num_experts(adapter_name) == 1 else None
+
+    def check_fixed_gates(
+        self, adapter_name: str, gates: torch.Tensor | None, num_experts: int
+    ) -> torch.Tensor:
+        """``gates`` if it is an ``(E,)`` tensor for this layer's ``E``; else a ValueError naming layer and adapter."""
+        if gates is None or tuple(gates.shape) != (num_experts,):
+            got = None if gates is None else tuple(gates.shape)
+            raise ValueError(
+                f"Fixed gates for adapter {adapter_name!r} in layer {self.module_key or type(self).__name__!r} must "
+                f"have shape ({num_experts},) (one weight per expert of this layer), got {got}."
+            )
+        return gates
 
     def merge_blocker(self, adapter_name: str) -> str | None:
         """Why this adapter cannot be merged into ``W`` (None if it can)."""
