@@ -5,6 +5,7 @@
 * :mod:`comol.evaluation.sandbox`: isolated, resource-limited execution of model-written programs.
 * :mod:`comol.evaluation.generation`: model (+ adapter) loading and batched left-padded generation.
 * :mod:`comol.evaluation.io`: atomic result writes.
+* :mod:`comol.evaluation.runner`: whole runs (load, generate or read, score, write) behind `comol eval`.
 
 Submodules are imported on demand so that importing this package stays light.
 """
