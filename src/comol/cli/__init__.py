@@ -13,7 +13,7 @@ import logging
 import sys
 
 # Order is the order shown by ``comol --help``.
-SUBCOMMANDS: tuple[str, ...] = ("demo", "train", "eval", "params", "bench")
+SUBCOMMANDS: tuple[str, ...] = ("demo", "train", "eval", "params", "bench", "compose")  # compose: + decompose
 
 
 def build_parser() -> argparse.ArgumentParser:
