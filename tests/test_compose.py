@@ -167,6 +167,19 @@ def test_truncation_error_is_what_the_discarded_singular_values_predict(tmp_path
             assert errs[0] == pytest.approx(predicted, rel=1e-10)
 
 
+def test_truncation_keeps_the_directions_of_the_scaled_updates(tmp_path: Path) -> None:
+    # LoRA 0: scaling 100 on a small B; LoRA 1: scaling 0.01 on a large B. The stack is of the scaled B's,
+    # so rank 2 keeps LoRA 0 (the large update), whatever the raw sizes of B.
+    big = make_lora(tmp_path / "big", seed=1, std=0.3, r=2, lora_alpha=200, target_modules=["q_proj"])
+    small = make_lora(tmp_path / "small", seed=2, std=0.3, r=2, lora_alpha=0.02, target_modules=["q_proj"])
+    weights = load_file(str(small / "adapter_model.safetensors"))
+    weights = {k: v * (30.0 if "lora_B" in k else 0.1) for k, v in weights.items()}
+    save_file(weights, str(small / "adapter_model.safetensors"))
+    errors = comol.compose_loras(tiny_model(dtype=F64), [big, small], rank=2).comol_composition.errors
+    for errs in errors.values():
+        assert errs[0] < 0.1 < 0.9 < errs[1]
+
+
 def test_arrow_router_rows_are_the_top_singular_directions(lora_dirs: list[Path]) -> None:
     model = comol.compose_loras(tiny_model(dtype=F64), lora_dirs, router_init="arrow")
     for e, lora_dir in enumerate(lora_dirs):
