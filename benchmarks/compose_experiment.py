@@ -39,9 +39,9 @@ from peft import ArrowConfig, LoraConfig, PeftModel, create_arrow_model, get_pef
 
 import comol
 from comol.data import arithmetic
-from comol.data.smollm2 import locate
+from comol.demo.generation import answer_accuracy, generate_responses
+from comol.loading import load_smollm2, load_tokenizer, locate_smollm2
 from comol.training.data import tokenize_record
-from comol.training.generation import answer_accuracy, generate_responses
 
 logger = logging.getLogger("compose_experiment")
 
@@ -198,16 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     start = time.perf_counter()
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    directory, gguf = locate()
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+    tokenizer = load_tokenizer(*locate_smollm2())
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    pristine = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32).eval()
-    pristine.hf_quantizer, pristine.is_quantized = None, False  # GGUF weights are de-quantised on load
-    pristine.config.__dict__.pop("quantization_config", None)
+    pristine = load_smollm2().eval()
 
     def fresh() -> torch.nn.Module:
         return copy.deepcopy(pristine)

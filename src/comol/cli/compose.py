@@ -60,7 +60,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="base model: hub id or local directory")
     parser.add_argument("--gguf-file", help="GGUF file inside --model to load")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"))
+    from comol.loading import dtype_names
+
+    parser.add_argument("--dtype", default="fp32", choices=(*dtype_names(allow_auto=False), "float64"))
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
 
 
@@ -71,11 +73,11 @@ def _check_out(out: Path, force: bool) -> None:
 
 def _load_base(args: argparse.Namespace) -> Any:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    logger.info("Loading the base model %s.", args.model)
-    return AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype), **extra).eval()
+    from comol.loading import load_causal_lm
+
+    dtype = torch.float64 if args.dtype == "float64" else args.dtype
+    return load_causal_lm(args.model, gguf_file=args.gguf_file, dtype=dtype).eval()
 
 
 def _fail(command: str, err: Exception, verbose: bool) -> int:
