@@ -195,6 +195,14 @@ def test_fallback_without_namespaces_still_contains(sentinel: Path) -> None:
         assert loop.status == "timeout" and not bomb.passed and ok.passed
         _assert_no_leftovers(box)
         box.run(f"import os\ntry:\n    os.remove({str(sentinel)!r})\nexcept OSError:\n    pass\n")
+        left = f"/tmp/comol-test-{secrets.token_hex(8)}"
+        try:
+            wrote = box.run(f"open({left!r}, 'w').write('x')")
+            survived = os.path.lexists(left)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(left)
+        assert wrote.passed and not (survived and box.protection["drop_privileges"])
     if os.geteuid() == 0:
         assert sentinel.read_text() == "untouched"
 

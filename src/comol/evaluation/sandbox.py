@@ -210,6 +210,8 @@ class Sandbox:
         notes: list[str] = []
         if root and chosen is None:
             notes.append(f"no interpreter of {candidates} is executable by uid {self.uid_base}")
+        elif not root:
+            notes.append("not root: programs run as the evaluator's user, without capabilities")
         setpriv = shutil.which("setpriv")
         if setpriv is not None and not self._quiet([setpriv, "--pdeathsig", "KILL", "true"]):
             setpriv = None
@@ -462,10 +464,10 @@ class Sandbox:
             shutil.rmtree(host_dir, ignore_errors=True)
         if status != "ok" and not (timed_out and not status and not probing):
             message = status or f"the sandbox exited ({proc.returncode}) before its setup finished"
+            if not status and stderr.strip():
+                message += f": {stderr.strip()[-300:]}"
             if not probing:
-                message = (
-                    f"Sandbox setup failed for a run after probing succeeded: {message}: {stderr[-300:]}"
-                )
+                message = f"Sandbox setup failed for a run after probing succeeded: {message}"
             raise SandboxError(message)
         completed = stdout.rstrip().endswith(marker)
         stdout = stdout.replace(f"\n{marker}\n", "").replace(marker, "")
