@@ -42,6 +42,11 @@ def load_model(
 
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; choose one of {DTYPES}.")
+    if adapter:
+        import comol  # registers comol's methods with peft
+
+        # Before loading the model: a clear error for an unknown peft_type or weights of another method.
+        comol.mixture.check_adapter_dir(adapter)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
@@ -57,8 +62,6 @@ def load_model(
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, **extra)
     if adapter:
         from peft import PeftModel
-
-        import comol  # noqa: F401  (registers comol's methods with peft)
 
         logger.info("Loading adapter %s", adapter)
         lm = PeftModel.from_pretrained(lm, adapter)
