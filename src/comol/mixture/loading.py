@@ -23,6 +23,8 @@ from typing import Any
 
 from torch import nn
 
+from comol.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 NEEDS_COMOL = (
@@ -37,7 +39,7 @@ CARD_HEADING = "## Loading this adapter (needs comol)"
 _SHOWN = 3  # how many tensor names an error message lists
 
 
-class AdapterWeightsError(ValueError):
+class AdapterWeightsError(UserError):
     """The weights being loaded lack tensors of the adapter they are loaded into."""
 
 
@@ -158,7 +160,7 @@ def check_adapter_dir(path: str | Path) -> str:
         The adapter's ``peft_type``.
 
     Raises:
-        ValueError: naming the file and the fix; for an unknown ``peft_type`` the message says that comol
+        UserError: naming the file and the fix; for an unknown ``peft_type`` the message says that comol
             adapters need ``pip install comol`` and ``import comol``.
     """
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
@@ -166,7 +168,7 @@ def check_adapter_dir(path: str | Path) -> str:
     directory = Path(path)
     config_path = directory / "adapter_config.json"
     if not config_path.is_file():
-        raise ValueError(
+        raise UserError(
             f"{directory} is not a saved adapter: it has no adapter_config.json. Pass the directory that "
             "save_pretrained wrote (it holds adapter_config.json and adapter_model.safetensors)."
         )
@@ -174,11 +176,11 @@ def check_adapter_dir(path: str | Path) -> str:
         config = json.loads(config_path.read_text())
         peft_type = str(config["peft_type"])
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(
+        raise UserError(
             f"{config_path} is not a peft adapter config (no readable 'peft_type'): {err}."
         ) from err
     if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
-        raise ValueError(
+        raise UserError(
             f"{config_path} has peft_type {peft_type!r}, which neither peft nor the comol imported here "
             f"({_comol_version()}) knows. {NEEDS_COMOL}; an adapter saved by a newer comol needs that comol "
             "version (`pip install -U comol`)."
@@ -188,7 +190,7 @@ def check_adapter_dir(path: str | Path) -> str:
     if keys and prefix and not any(_has_prefix(key, prefix) for key in keys):
         other = guess_method(keys)
         holds = f"{other}'s tensors" if other else "no tensors of it"
-        raise ValueError(
+        raise UserError(
             f"{directory / 'adapter_model.safetensors'} holds {holds} (e.g. {_short(keys)}), but "
             f"{config_path} says peft_type {peft_type!r} (tensors named '{prefix}...'): the weights were saved by "
             "another method. Put the adapter_config.json they were saved with beside them."
