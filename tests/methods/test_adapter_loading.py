@@ -156,3 +156,15 @@ def test_saved_card_says_the_adapter_needs_comol(case, tmp_path):
     card = (tmp_path / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: peft" in card  # peft's card is kept
     assert "- PEFT " in card
+
+
+def test_cli_refuses_a_mismatched_adapter_with_exit_2(tmp_path, lora_dir, capsys):
+    """``comol decompose`` checks its --adapter before loading the base model (which does not exist here)."""
+    from comol.cli import main as cli_main
+
+    save_method(FIRST_CASES[0], tmp_path / "comol")
+    mixed = swap(tmp_path / "comol", lora_dir, tmp_path / "mixed")
+    args = ["decompose", "--adapter", str(mixed), "--out", str(tmp_path / "out")]
+    assert cli_main([*args, "--model", str(tmp_path / "no-such-model")]) == 2
+    err = capsys.readouterr().err
+    assert "holds LORA's tensors" in err and "Traceback" not in err
