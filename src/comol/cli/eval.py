@@ -1,8 +1,9 @@
-"""``comol eval math`` and ``comol eval code``: the paper's accuracy and pass@k evaluations.
+"""``comol eval math``, ``code`` and ``harness``: the paper's accuracy and pass@k, and lm-eval tasks.
 
 Both score either a model's fresh generations (``--model``, optionally ``--adapter``) or pre-generated
 outputs (``--predictions`` / ``--samples``) without loading any model. Result files are written atomically
-under ``--output-dir``; ``--json`` prints the summary as one JSON object on stdout.
+under ``--output-dir``; ``--json`` prints the summary as one JSON object on stdout. ``comol eval harness``
+runs lm-evaluation-harness on a base model and adapter, passing every unknown option to lm-eval.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _add_model_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> Non
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``comol eval`` with its ``math`` and ``code`` sub-commands."""
+    """Register ``comol eval`` with its ``math``, ``code`` and ``harness`` sub-commands."""
     parser = subparsers.add_parser("eval", help="evaluate a model: math accuracy, HumanEval pass@k")
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
     sub = parser.add_subparsers(dest="eval_command", metavar="TASK")
@@ -121,6 +122,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     code_p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_model_args(code_p, max_new_tokens=512)
     code_p.set_defaults(func=run_code)
+
+    harness_p = sub.add_parser(
+        "harness",
+        help="lm-evaluation-harness tasks on a base model + comol (or peft) adapter",
+        description=(
+            "Runs lm-evaluation-harness (lm-eval 0.4, backend hf) with --model_args pretrained=MODEL,peft=ADAPTER "
+            "after registering comol's methods with peft. Every other option is lm-eval's and is passed through "
+            "unchanged (e.g. --num_fewshot 5 --batch_size 8 --output_path results/ --include_path my_tasks/ "
+            "--model_args dtype=bfloat16 --limit 100 --log_samples); see `lm-eval run --help`."
+        ),
+        allow_abbrev=False,
+    )
+    harness_p.add_argument("--model", required=True, help="hub id or local path of the base model")
+    harness_p.add_argument("--adapter", help="directory of a saved adapter (comol or peft)")
+    harness_p.add_argument(
+        "--tasks", required=True, help="comma-separated lm-eval task names, e.g. arc_easy,gsm8k"
+    )
+    harness_p.set_defaults(func=run_harness, extra_args=True)
     return parser
 
 
@@ -195,4 +214,12 @@ def run_code(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     _emit_json(summary) if args.json else sys.stdout.write(markdown_table(summary))
+    return 0
+
+
+def run_harness(args: argparse.Namespace) -> int:
+    """``comol eval harness``: :func:`comol.evaluation.harness.run_harness` with the unparsed options."""
+    from comol.evaluation.harness import run_harness as run
+
+    run(args.model, [args.tasks], adapter=args.adapter, extra=args.extra_args)
     return 0
