@@ -181,3 +181,11 @@ def test_harness_runs_lm_eval_on_comol_adapter(tmp_path, capsys) -> None:
         max(range(len(r)), key=r.__getitem__) == d["label"] for r, d in zip(expected, DOCS, strict=True)
     )
     assert results["results"]["comol_tiny_mc"]["acc,none"] == pytest.approx(acc / len(DOCS))
+
+
+@pytest.mark.slow
+def test_unknown_task_exit_2(tmp_path, capsys) -> None:
+    """lm-eval's own rejection (an unknown task) is one line with exit 2, before any model is loaded."""
+    rc = main(["eval", "harness", "--model", str(tmp_path / "no-model"), "--tasks", "no_such_task_xyz"])
+    assert rc == 2
+    assert "lm-eval: Tasks not found: no_such_task_xyz" in capsys.readouterr().err

@@ -124,7 +124,9 @@ def run_harness(
             ``--include_path DIR``, ``--model_args dtype=bfloat16``, ...).
 
     Raises:
-        UserError: lm-eval is not installed, or the inputs are bad (see :func:`lm_eval_argv`).
+        UserError: lm-eval is not installed, the inputs are bad (see :func:`lm_eval_argv`), or lm-eval
+            rejected them (an unknown task, a bad option value, a missing file: its ``ValueError`` or
+            ``OSError``, message prefixed with ``lm-eval:``).
     """
     argv = lm_eval_argv(model, tasks, adapter, extra)
     if adapter:
@@ -147,5 +149,8 @@ def run_harness(
     sys.argv = ["lm-eval", *argv]
     try:
         cli_evaluate()
+    except (ValueError, OSError) as err:
+        # lm-eval reports bad options, unknown tasks and missing files this way; --verbose shows where
+        raise UserError(f"lm-eval: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
     finally:
         sys.argv = saved
