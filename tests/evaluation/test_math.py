@@ -365,6 +365,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys) -> None:
         assert message in line, (extra, line)
 
 
+@pytest.mark.slow
 def test_cli_error_subprocess_no_traceback_unless_verbose(tmp_path) -> None:
     import os
     import subprocess
@@ -386,3 +387,17 @@ def test_cli_error_subprocess_no_traceback_unless_verbose(tmp_path) -> None:
         [*args, "--verbose"], capture_output=True, text=True, env=env, timeout=120, check=False
     )
     assert loud.returncode == 2 and "Traceback" in loud.stderr
+
+
+def test_unknown_option_rejected_and_verbose_after_subcommand(tmp_path, capsys) -> None:
+    data, preds = _write_data(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "math", "--data", f"gsm8k={data}", "--predictions", str(preds), "--bogus", "1"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --bogus 1" in capsys.readouterr().err
+    assert main(["eval", "math", "--data", f"gsm8k={data}", "--predictions", str(preds), "--verbose"]) == 0
+
+
+def test_model_that_cannot_load_exit_2(tmp_path, capsys) -> None:
+    data, _ = _write_data(tmp_path)
+    assert main(["eval", "math", "--model", str(tmp_path / "no-model"), "--data", f"gsm8k={data}"]) == 2
+    assert f"--model {tmp_path / 'no-model'}: cannot load" in _error_line(capsys)
