@@ -74,6 +74,7 @@ def test_cli_samples_json(tmp_path, capsys) -> None:
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["pass@1"] == pytest.approx(1 / 3)
     assert "pass@5" not in result and result["problems"] == 2 and result["samples"] == 6
+    assert result["problems_without_samples"] == 162  # reported, pass@k is over the 2 with samples
     executions = [json.loads(x) for x in (tmp_path / "out" / "executions.jsonl").read_text().splitlines()]
     assert [e["status"] for e in executions] == ["passed", "failed", "timeout"] * 2
 

