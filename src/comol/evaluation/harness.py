@@ -95,12 +95,12 @@ def lm_eval_argv(
 
 
 def _check_adapter(adapter: str) -> None:
+    """A local adapter directory is checked with :func:`comol.mixture.check_adapter_dir` (a hub id is not)."""
+    from comol.mixture import check_adapter_dir
+
     path = Path(adapter).expanduser()
     if path.is_dir():
-        if not (path / "adapter_config.json").is_file():
-            raise UserError(
-                f"--adapter {adapter}: no adapter_config.json there; give a saved adapter directory."
-            )
+        check_adapter_dir(path)
     elif path.exists() or adapter.startswith(("/", ".", "~")):
         raise UserError(f"--adapter {adapter}: not an adapter directory (no such directory).")
 
@@ -129,14 +129,15 @@ def run_harness(
             ``OSError``, message prefixed with ``lm-eval:``).
     """
     argv = lm_eval_argv(model, tasks, adapter, extra)
-    if adapter:
-        _check_adapter(adapter)
     try:
         from lm_eval.__main__ import cli_evaluate
     except ImportError as err:
         raise UserError(f'comol eval harness needs lm-eval: pip install "comol[harness]" ({err}).') from err
 
     import comol  # noqa: F401  (registers comol's methods with peft before lm-eval loads the adapter)
+
+    if adapter:
+        _check_adapter(adapter)
 
     if (
         "--output_path" not in argv
