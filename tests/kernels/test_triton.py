@@ -61,9 +61,10 @@ def test_triton_interpreted_autocast_mix_matches_eager() -> None:
     )
 
 
-def test_custom_op_opcheck_interpreted() -> None:
-    """``torch.library.opcheck`` on both ops: schema, fake implementation, autograd registration."""
-    _interpreted('c.opcheck("cpu")')
+def test_custom_op_opcheck_and_compile_interpreted() -> None:
+    """``torch.library.opcheck`` on both ops (schema, fake implementation, autograd registration, AOT
+    dispatch) and a ``fullgraph=True`` compile through the op with its backward."""
+    _interpreted('c.opcheck("cpu")\nc.compile_fullgraph("cpu")')
 
 
 def test_fake_implementation_shapes_and_dtypes() -> None:
