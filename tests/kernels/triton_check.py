@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from comol.kernels.routed import routed_core_mix_eager
+from comol.kernels.eager import routed_core_mix_eager
 from comol.kernels.triton_core_mix import routed_core_mix_triton
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any
 
 from peft import PeftConfig
+
+from comol.mixture.loading import write_card_note
 
 # Default target modules per transformers ``model_type``: the paper's setup (q, k, v, o and down
 # projections; gate and up excluded) for Llama/Qwen/Mistral-style models, and the attention and MLP output
@@ -110,6 +112,11 @@ class MixtureConfig(PeftConfig):
         """The factor the adapter update is multiplied by: ``alpha / r`` (or ``alpha / sqrt(r)``)."""
         return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
 
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """peft's ``adapter_config.json``, and a note in the adapter's ``README.md`` that it needs comol."""
+        super().save_pretrained(save_directory, **kwargs)
+        write_card_note(save_directory, str(self.peft_type))
+
 
 @dataclass
 class RoutedMixtureConfig(MixtureConfig):
@@ -132,7 +139,11 @@ class RoutedMixtureConfig(MixtureConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+        if (
+            not isinstance(self.num_experts, int)
+            or isinstance(self.num_experts, bool)
+            or self.num_experts < 1
+        ):
             raise ValueError(f"num_experts must be an integer >= 1, got {self.num_experts!r}.")
         if self.router_top_k is not None and not 1 <= self.router_top_k <= self.num_experts:
             raise ValueError(
@@ -141,6 +152,3 @@ class RoutedMixtureConfig(MixtureConfig):
             )
         if self.aux_loss_coef < 0:
             raise ValueError(f"aux_loss_coef must be >= 0, got {self.aux_loss_coef!r}.")
-
-
-InitCores = Literal["kaiming", "identity", "orthogonal"]
