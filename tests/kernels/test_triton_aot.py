@@ -18,6 +18,7 @@ Each distinct specialisation (compile-time constants, dtypes, divisibility) is c
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import multiprocessing
 import re
@@ -229,16 +230,21 @@ def test_layer_passes_these_dtypes() -> None:
     from conftest import tiny_model
 
     seen = set()
-    original = comol_method.kernels.routed_core_mix
+    original = comol_method.kernels.get_core_mix
 
-    def record(z, router_input, router_weight, cores, impl):
-        seen.add(tuple(TL[t.dtype] for t in (z, router_input, router_weight, cores)))
-        return original(z, router_input, router_weight, cores, impl=impl)
+    def recording(name, x):
+        impl = original(name, x)
+
+        def record(z, router_input, router_weight, cores):
+            seen.add(tuple(TL[t.dtype] for t in (z, router_input, router_weight, cores)))
+            return impl.routed(z, router_input, router_weight, cores)
+
+        return dataclasses.replace(impl, routed=record)
 
     expected = {
         tuple(TL[d] for d in dtypes) for name, dtypes in DTYPES.items() if name != "bf16" and name != "fp16"
     }
-    comol_method.kernels.routed_core_mix = record
+    comol_method.kernels.get_core_mix = recording
     try:
         for core_router in (True, False):
             model = get_peft_model(
@@ -246,7 +252,7 @@ def test_layer_passes_these_dtypes() -> None:
                 comol.CoMoLConfig(r=8, lora_alpha=8, num_experts=4, core_router=core_router,
                                   target_modules=["q_proj"]),
             )  # fmt: skip
-            model.base_model.set_kernel("fused")
+            model.base_model.set_implementation("fused")
             ids = torch.randint(0, 64, (2, 5))
             for autocast in (None, torch.bfloat16, torch.float16):
                 with (
@@ -255,5 +261,5 @@ def test_layer_passes_these_dtypes() -> None:
                 ):
                     model(input_ids=ids)
     finally:
-        comol_method.kernels.routed_core_mix = original
+        comol_method.kernels.get_core_mix = original
     assert seen == expected

@@ -16,7 +16,7 @@ peft's adapter weights (router, cores) stay fp32, and the kernels cast them on l
 the eager path. ``mixed`` has ``z``'s dtype, ``probs`` is float32, each gradient has its input's dtype.
 
 Deterministic mode (no atomics, fixed reduction order): ``torch.use_deterministic_algorithms(True)`` or
-``deterministic=True``. Reference: :func:`comol.kernels.routed.routed_core_mix_eager`.
+``deterministic=True``. Reference: :func:`comol.kernels.eager.routed_core_mix_eager`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def triton_importable() -> bool:
 def _flat(z: torch.Tensor, router_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     r = z.shape[-1]
     zf = z.reshape(-1, r).contiguous()  # (N, r)
-    return zf, router_input.reshape(zf.shape[0], -1).contiguous()  # (N, k)
+    return zf, router_input.reshape(-1, router_input.shape[-1]).contiguous()  # (N, k)
 
 
 @torch.library.custom_op("comol::routed_core_mix_triton", mutates_args=())
