@@ -81,6 +81,8 @@ class MixtureModel(BaseTuner):
         super()._check_merge_allowed()
         for module in self.model.modules():
             if isinstance(module, MixtureLayer):
+                if (reason := module.quantized_merge_blocker()) is not None:
+                    raise MergeNotSupportedError(f"Cannot merge {module.module_key}: {reason}")
                 for name in module.active_adapters:
                     if name in module.adapter_config and (reason := module.merge_blocker(name)) is not None:
                         raise MergeNotSupportedError(f"Cannot merge {module.module_key}: {reason}")
