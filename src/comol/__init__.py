@@ -4,8 +4,10 @@
 and transformers' ``model.load_adapter`` work with comol adapters.
 """
 
-import comol.methods._all  # noqa: F401  (registers every method with peft)
+from comol.compose import CompositionError, compose_loras, decompose
 from comol.export import calibrate_gates, export_lora
+
+# importing comol.methods imports, and so registers, every method
 from comol.methods import build_config, get_config_class, method_names
 from comol.methods.comol import CoMoLConfig, CoMoLLayer, CoMoLModel
 from comol.mixture import MergeNotSupportedError, RouterStats, collect_aux_loss
@@ -16,12 +18,15 @@ __all__ = [
     "CoMoLConfig",
     "CoMoLLayer",
     "CoMoLModel",
+    "CompositionError",
     "MergeNotSupportedError",
     "RouterStats",
     "__version__",
     "build_config",
     "calibrate_gates",
     "collect_aux_loss",
+    "compose_loras",
+    "decompose",
     "export_lora",
     "get_config_class",
     "method_names",

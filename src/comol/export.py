@@ -82,7 +82,7 @@ def export_lora(
     ranks: dict[str, int] = {}
     fan_in_fan_out = False
     for name, layer in layers.items():
-        num_experts = getattr(layer.adapter_config[adapter_name], "num_experts", None)
+        num_experts = layer.layer_num_experts(adapter_name)  # per layer: MoLA varies E by depth
         if isinstance(gates, Mapping):
             if name not in gates:
                 raise KeyError(f"No gates given for layer {name!r}; calibrate_gates covers every layer.")

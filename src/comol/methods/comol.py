@@ -14,7 +14,6 @@ ever built. Trainable parameters per layer: ``r (d_in + d_out) + E r^2 + E (r or
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 
 from comol import kernels
 from comol.mixture import MixtureLayer, MixtureModel, RoutedMixtureConfig, register_method, routing
+from comol.mixture.init import init_lora_pair_, kaiming_linear_
 from comol.mixture.registration import ComolPeftType
 
 INIT_CORES = ("kaiming", "identity", "orthogonal")
@@ -78,11 +78,9 @@ class CoMoLLayer(MixtureLayer):
 
     @torch.no_grad()
     def reset_adapter(self, adapter_name: str, config: CoMoLConfig) -> None:
-        nn.init.kaiming_uniform_(self.comol_A[adapter_name].weight, a=math.sqrt(5))
-        if config.init_weights:
-            nn.init.zeros_(self.comol_B[adapter_name].weight)
-        else:
-            nn.init.kaiming_uniform_(self.comol_B[adapter_name].weight, a=math.sqrt(5))
+        init_lora_pair_(
+            self.comol_A[adapter_name].weight, self.comol_B[adapter_name].weight, zero_B=config.init_weights
+        )
         cores = self.comol_cores[adapter_name]
         for core in cores:
             if config.init_cores == "identity":
@@ -90,7 +88,7 @@ class CoMoLLayer(MixtureLayer):
             elif config.init_cores == "orthogonal":
                 nn.init.orthogonal_(core)
             else:
-                nn.init.kaiming_uniform_(core, a=math.sqrt(5))
+                kaiming_linear_(core)
         self.comol_router[adapter_name].reset_parameters()
 
     def route(self, adapter_name: str, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -102,40 +100,38 @@ class CoMoLLayer(MixtureLayer):
         self.observe_routing(adapter_name, probs, gates, aux_loss_coef=config.aux_loss_coef)
         return gates.to(z.dtype)
 
+    def implementation_names(self) -> list[str]:
+        return kernels.core_mix_names()
+
+    def resolve_implementation(self, name: str, x: torch.Tensor) -> kernels.CoreMixImplementation:
+        return kernels.get_core_mix(name, x)
+
     def adapter_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """``(..., d_in) -> (..., d_out)``: ``(alpha/r) B (sum_e g_e M_e) A dropout(x)``."""
         z = self.comol_A[adapter_name](self.adapter_dropout[adapter_name](x))  # (..., r)
-        impl = kernels.resolve_core_mix(self.kernel, z)
+        impl: kernels.CoreMixImplementation = self.implementation_for(z)
         config: CoMoLConfig = self.adapter_config[adapter_name]
         router = self.comol_router[adapter_name]
         if (
-            kernels.has_routed_core_mix(impl)
+            impl.routed is not None
             and config.router_top_k is None
             and _plain_weight(router)
             and not (config.aux_loss_coef > 0 and self.training)  # the balancing loss needs probs' graph
         ):  # fast path: router, float32 softmax and mixing in one kernel
-            mixed, probs = kernels.routed_core_mix(
-                z, z if config.core_router else x, router.weight, self.comol_cores[adapter_name], impl=impl
+            mixed, probs = impl.routed(
+                z, z if config.core_router else x, router.weight, self.comol_cores[adapter_name]
             )  # (..., r), (..., E)
             self.observe_routing(adapter_name, probs, probs)
         else:
             gates = self.route(adapter_name, x, z)  # (..., E)
-            mixed = kernels.core_mix(z, gates, self.comol_cores[adapter_name], impl=impl)  # (..., r)
+            mixed = impl.core_mix(z, gates, self.comol_cores[adapter_name])  # (..., r)
         return self.comol_B[adapter_name](mixed) * self.scaling[adapter_name]
-
-    def static_gates(self, adapter_name: str) -> torch.Tensor | None:
-        if self.adapter_config[adapter_name].num_experts == 1:
-            return torch.ones(1)  # softmax over a single expert is 1 for every token
-        return None
 
     def fixed_gate_lora(
         self, adapter_name: str, gates: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cores = self.comol_cores[adapter_name]  # (E, r, r)
-        if gates is None or gates.shape != (cores.shape[0],):
-            raise ValueError(
-                f"gates must have shape ({cores.shape[0]},), got {None if gates is None else gates.shape}."
-            )
+        gates = self.check_fixed_gates(adapter_name, gates, cores.shape[0])
         merged_core = torch.einsum("e,eoi->oi", gates.to(cores), cores)  # (r, r)
         a = self.comol_A[adapter_name].weight  # (r, d_in)
         b = self.comol_B[adapter_name].weight @ merged_core * self.scaling[adapter_name]  # (d_out, r)

@@ -33,7 +33,6 @@ unused ``up`` pair counted as trainable (see ``comol.params``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from comol.mixture import MixtureConfig, MixtureLayer, MixtureModel, register_method
+from comol.mixture.init import init_lora_pair_, kaiming_linear_
 from comol.mixture.registration import ComolPeftType
 
 ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "identity": lambda t: t}
@@ -107,7 +107,7 @@ class DenseLoRALayer(MixtureLayer):
 
     @torch.no_grad()
     def reset_adapter(self, adapter_name: str, config: DenseLoRAConfig) -> None:
-        nn.init.kaiming_uniform_(self.denselora_M[adapter_name], a=math.sqrt(5))
+        kaiming_linear_(self.denselora_M[adapter_name])
 
     def adapter_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """``(..., d_in) -> (..., d_out)``: ``(alpha/r) dropout(act(D (M dropout(act(E dropout(x))))))``."""
@@ -142,6 +142,9 @@ class DenseLoRAModel(MixtureModel):
 
     prefix = "denselora_"
     tuner_layer_cls = DenseLoRALayer
+    uses_shared_state = (
+        True  # the shared encoders/decoders live on the tuner: peft refuses inject_adapter_in_model
+    )
 
     def _create_and_replace(
         self,
@@ -179,11 +182,7 @@ class DenseLoRAModel(MixtureModel):
         trainable = adapter_name in self.active_adapters and not config.inference_mode
         encoder = torch.empty(config.r, layer.in_features, device=weight.device, dtype=dtype)  # (r, d_in)
         decoder = torch.empty(layer.out_features, config.r, device=weight.device, dtype=dtype)  # (d_out, r)
-        nn.init.kaiming_uniform_(encoder, a=math.sqrt(5))  # as nn.Linear
-        if config.init_weights:
-            nn.init.zeros_(decoder)
-        else:
-            nn.init.kaiming_uniform_(decoder, a=math.sqrt(5))
+        init_lora_pair_(encoder, decoder, zero_B=config.init_weights)  # as a LoRA pair
         encoders[layer.kind] = nn.Parameter(encoder, requires_grad=trainable)
         decoders[layer.kind] = nn.Parameter(decoder, requires_grad=trainable)
 

@@ -49,7 +49,6 @@ FlyLoRA (see ``comol.params``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +58,7 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from comol.mixture import MixtureConfig, MixtureLayer, MixtureModel, register_method
+from comol.mixture.init import kaiming_linear_
 from comol.mixture.registration import ComolPeftType
 
 SELECTIONS = ("signed", "magnitude")
@@ -70,9 +70,10 @@ class FlyLoRAConfig(MixtureConfig):
 
     Example:
         >>> from peft import get_peft_model
-        >>> from comol.methods.flylora import FlyLoRAConfig, register_bias_updates
+        >>> from comol.methods.flylora import FlyLoRAConfig
+        >>> from comol.mixture import register_step_hooks
         >>> model = get_peft_model(base_model, FlyLoRAConfig(r=32, lora_alpha=32, top_k=8))  # doctest: +SKIP
-        >>> register_bias_updates(optimizer, model)  # doctest: +SKIP
+        >>> register_step_hooks(optimizer, model)  # doctest: +SKIP
     """
 
     r: int = field(default=32, metadata={"help": "Rank r: the number of rank-wise experts."})
@@ -170,10 +171,10 @@ class FlyLoRALayer(MixtureLayer):
             self.flylora_A[adapter_name] = sparse_random_projection(config.r, self.in_features, nnz)
         self.flylora_bias[adapter_name].zero_()
         self._load.pop(adapter_name, None)
-        if config.init_weights:
+        if config.init_weights:  # A is the frozen sparse projection drawn above; B as in LoRA
             nn.init.zeros_(self.flylora_B[adapter_name].weight)
         else:
-            nn.init.kaiming_uniform_(self.flylora_B[adapter_name].weight, a=math.sqrt(5))
+            kaiming_linear_(self.flylora_B[adapter_name].weight)
 
     def select_ranks(self, adapter_name: str, y: torch.Tensor) -> torch.Tensor:
         """The 0/1 mask ``(..., r)`` float32 of the ``top_k`` ranks of codes ``y (..., r)``: the largest
@@ -249,10 +250,7 @@ class FlyLoRALayer(MixtureLayer):
         """LoRA ``(A, B diag(gates) * scaling)`` for a fixed rank weighting ``gates (r,)`` (all ones: k = r)."""
         a = self.flylora_A[adapter_name]  # (r, d_in)
         b = self.flylora_B[adapter_name].weight  # (d_out, r)
-        if gates is None or gates.shape != (a.shape[0],):
-            raise ValueError(
-                f"gates must have shape ({a.shape[0]},), got {None if gates is None else gates.shape}."
-            )
+        gates = self.check_fixed_gates(adapter_name, gates, a.shape[0])
         return a.to(b.dtype), b * gates.to(b) * self.scaling[adapter_name]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from peft import PeftConfig
 
@@ -132,7 +131,11 @@ class RoutedMixtureConfig(MixtureConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+        if (
+            not isinstance(self.num_experts, int)
+            or isinstance(self.num_experts, bool)
+            or self.num_experts < 1
+        ):
             raise ValueError(f"num_experts must be an integer >= 1, got {self.num_experts!r}.")
         if self.router_top_k is not None and not 1 <= self.router_top_k <= self.num_experts:
             raise ValueError(
@@ -141,6 +144,3 @@ class RoutedMixtureConfig(MixtureConfig):
             )
         if self.aux_loss_coef < 0:
             raise ValueError(f"aux_loss_coef must be >= 0, got {self.aux_loss_coef!r}.")
-
-
-InitCores = Literal["kaiming", "identity", "orthogonal"]

@@ -25,7 +25,6 @@ the routing level and the fusion with three class attributes and says how router
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar, Literal
 
 import torch
@@ -33,6 +32,7 @@ from torch import nn
 
 from comol.mixture import routing
 from comol.mixture.config import RoutedMixtureConfig
+from comol.mixture.init import init_lora_pair_
 from comol.mixture.layer import MixtureLayer
 
 
@@ -165,14 +165,9 @@ class LoRAExpertsLayer(MixtureLayer):
 
     @torch.no_grad()
     def reset_adapter(self, adapter_name: str, config: RoutedMixtureConfig) -> None:
-        lora_A, lora_B = self.part("A")[adapter_name], self.part("B")[adapter_name]
-        for a in lora_A.view(-1, *lora_A.shape[-2:]):  # as peft's LoRA A: kaiming-uniform with fan_in = d_in
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        if config.init_weights:
-            nn.init.zeros_(lora_B)  # the adapter starts as the identity
-        else:
-            for b in lora_B:
-                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        init_lora_pair_(
+            self.part("A")[adapter_name], self.part("B")[adapter_name], zero_B=config.init_weights
+        )
         self.part("router")[adapter_name].reset_parameters()
 
     # --- forward -------------------------------------------------------------------------------------
@@ -210,21 +205,15 @@ class LoRAExpertsLayer(MixtureLayer):
         return out * self.scaling[adapter_name]
 
     # --- merging and export --------------------------------------------------------------------------
-    def static_gates(self, adapter_name: str) -> torch.Tensor | None:
-        if self.part("B")[adapter_name].shape[0] == 1:
-            return torch.ones(1)  # softmax over a single expert is 1 whatever the input
-        return None
+    def layer_num_experts(self, adapter_name: str) -> int:
+        return self.part("B")[adapter_name].shape[0]  # MoLA varies E by layer
 
     def fixed_gate_lora(
         self, adapter_name: str, gates: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         lora_A, lora_B = self.part("A")[adapter_name], self.part("B")[adapter_name]
         num_experts, d_out, r = lora_B.shape
-        if gates is None or gates.shape != (num_experts,):
-            raise ValueError(
-                f"gates must have shape ({num_experts},), got {None if gates is None else gates.shape}."
-            )
-        gates = gates.to(lora_B)
+        gates = self.check_fixed_gates(adapter_name, gates, num_experts).to(lora_B)
         scaling = self.scaling[adapter_name]
         if self.shared_A:
             return lora_A, merge_experts(gates, lora_B) * scaling

@@ -27,11 +27,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.tuners.tuners_utils import _get_in_out_features, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from comol.mixture.observe import RoutingContext, RoutingObserver
+from comol.mixture.adapters import AdapterContainers
+from comol.mixture.observe import RoutingContext
 
 if TYPE_CHECKING:
     from comol.mixture.config import MixtureConfig
@@ -55,26 +56,20 @@ def quantization_of(base: nn.Module) -> str | None:
     return f"{type(base).__module__.split('.')[0]} {type(base).__name__}{detail} with {weight.dtype} storage"
 
 
-class MixtureLayer(nn.Module, BaseTunerLayer, RoutingObserver):
+class MixtureLayer(nn.Module, AdapterContainers):
     """Base class of all mixture-of-LoRA adapter layers.
 
     Subclasses set :attr:`prefix` (``"<method>_"``), :attr:`module_parts` and :attr:`param_parts`; the
     per-adapter containers ``<prefix><part>`` (an ``nn.ModuleDict`` or ``nn.ParameterDict`` keyed by
-    adapter name) are created here and listed in peft's ``adapter_layer_names``.
+    adapter name) are created by :class:`~comol.mixture.adapters.AdapterContainers` and listed in peft's
+    ``adapter_layer_names``.
 
     Args:
         base_layer: the frozen ``nn.Linear`` or ``Conv1D``.
         context: the owning tuner's :class:`RoutingContext`.
     """
 
-    prefix: ClassVar[str] = ""
-    module_parts: ClassVar[tuple[str, ...]] = ()
-    param_parts: ClassVar[tuple[str, ...]] = ()
     other_param_names: ClassVar[tuple[str, ...]] = ("adapter_config", "scaling")
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls.adapter_layer_names = tuple(cls.prefix + part for part in cls.module_parts + cls.param_parts)
 
     def __init__(self, base_layer: nn.Module, context: RoutingContext | None = None, **kwargs: Any) -> None:
         nn.Module.__init__(self)
@@ -87,19 +82,11 @@ class MixtureLayer(nn.Module, BaseTunerLayer, RoutingObserver):
             )
         self.in_features, self.out_features = _get_in_out_features(base)
         self.is_conv1d = isinstance(base, Conv1D)
-        for part in self.module_parts:
-            setattr(self, self.prefix + part, nn.ModuleDict())
-        for part in self.param_parts:
-            setattr(self, self.prefix + part, nn.ParameterDict())
+        self.init_adapter_containers(None, context)
         self.adapter_dropout = nn.ModuleDict()
-        self.adapter_config: dict[str, MixtureConfig] = {}
         self.scaling: dict[str, float] = {}
-        self.module_key: str | None = None
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
-        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
-        self.kernel = "auto"  # implementation of method-specific fast paths, see comol.kernels
-        self.init_observer(context)
+        self.implementation = "auto"  # how adapter_forward computes the update, see set_implementation
+        self._resolved_implementations: dict[tuple[str, str, torch.dtype], Any] = {}
         self.kwargs = kwargs
 
     # ----------------------------------------------------------------------------------------------
@@ -142,12 +129,45 @@ class MixtureLayer(nn.Module, BaseTunerLayer, RoutingObserver):
             f"{type(self).__name__} cannot be written as a LoRA with a fixed gate; export is not supported."
         )
 
+    def implementation_names(self) -> list[str]:
+        """Names :meth:`set_implementation` accepts; ``"eager"`` is the method's reference forward.
+
+        Default: ``["auto", "eager"]``, for a method with a single implementation.
+        """
+        return ["auto", "eager"]
+
+    def resolve_implementation(self, name: str, x: torch.Tensor) -> Any:
+        """What implementation ``name`` means for input ``x`` (its device and dtype); default: ``name``.
+
+        Called once per ``(name, device, dtype)``; :meth:`implementation_for` caches the result.
+        """
+        return name
+
     def after_optimizer_step(self, adapter_name: str) -> None:
         """Non-gradient state updates after each optimizer step (e.g. FlyLoRA's balancing bias). Default: none."""
 
+    def layer_num_experts(self, adapter_name: str) -> int | None:
+        """Experts ``E`` of this adapter in this layer (None for a method without a per-layer router)."""
+        return getattr(self.adapter_config[adapter_name], "num_experts", None)
+
     def static_gates(self, adapter_name: str) -> torch.Tensor | None:
-        """``(E,)`` gates if they do not depend on the input (then the adapter can be merged), else None."""
-        return None
+        """``(E,)`` gates if they do not depend on the input (then the adapter can be merged), else None.
+
+        Default: a single expert (softmax over one expert is 1 for every token); otherwise routed.
+        """
+        return torch.ones(1) if self.layer_num_experts(adapter_name) == 1 else None
+
+    def check_fixed_gates(
+        self, adapter_name: str, gates: torch.Tensor | None, num_experts: int
+    ) -> torch.Tensor:
+        """``gates`` if it is an ``(E,)`` tensor for this layer's ``E``; else a ValueError naming layer and adapter."""
+        if gates is None or tuple(gates.shape) != (num_experts,):
+            got = None if gates is None else tuple(gates.shape)
+            raise ValueError(
+                f"Fixed gates for adapter {adapter_name!r} in layer {self.module_key or type(self).__name__!r} must "
+                f"have shape ({num_experts},) (one weight per expert of this layer), got {got}."
+            )
+        return gates
 
     def merge_blocker(self, adapter_name: str) -> str | None:
         """Why this adapter cannot be merged into ``W`` (None if it can)."""
@@ -164,10 +184,6 @@ class MixtureLayer(nn.Module, BaseTunerLayer, RoutingObserver):
     # ----------------------------------------------------------------------------------------------
     # Shared machinery
     # ----------------------------------------------------------------------------------------------
-    def part(self, name: str) -> nn.ModuleDict | nn.ParameterDict:
-        """The per-adapter container ``<prefix><name>``."""
-        return getattr(self, self.prefix + name)
-
     def update_layer(
         self,
         adapter_name: str,
@@ -188,12 +204,35 @@ class MixtureLayer(nn.Module, BaseTunerLayer, RoutingObserver):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
+    def set_implementation(self, name: str) -> None:
+        """Choose how this layer computes its update (``"auto"``: the fastest available, ``"eager"``: the
+        reference); see :meth:`implementation_names`."""
+        names = self.implementation_names()
+        if name not in names:
+            raise ValueError(
+                f"{type(self).__name__} {self.module_key or ''}: unknown implementation {name!r}; "
+                f"choose one of {names}."
+            )
+        self.implementation = name
+
+    def implementation_for(self, x: torch.Tensor) -> Any:
+        """The resolved :attr:`implementation` for ``x``'s device and dtype (cached)."""
+        key = (self.implementation, x.device.type, x.dtype)
+        resolved = self._resolved_implementations.get(key)
+        if resolved is None:
+            resolved = self._resolved_implementations[key] = self.resolve_implementation(key[0], x)
+        return resolved
+
     def adapter_dtype(self, adapter_name: str) -> torch.dtype:
         for layer_name in self.adapter_layer_names:
             container = getattr(self, layer_name)
             if adapter_name in container:
                 item = container[adapter_name]
-                tensor = item if isinstance(item, torch.Tensor) else next(item.parameters(), None)
+                if isinstance(item, torch.Tensor):
+                    tensor = item
+                else:  # a module: its weight, else its first parameter
+                    tensor = getattr(item, "weight", None)
+                    tensor = tensor if isinstance(tensor, torch.Tensor) else next(item.parameters(), None)
                 if tensor is not None:
                     return tensor.dtype
         base = self.get_base_layer()

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from comol.data import arithmetic
-from comol.data.smollm2 import locate
+from comol.demo.generation import answer_accuracy, generate_responses
+from comol.loading import locate_smollm2
 from comol.training.config import load_config
-from comol.training.generation import answer_accuracy, generate_responses
 from comol.training.run import PreparedData, train
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def run_demo(
     start = time.perf_counter()
     if threads is not None:
         torch.set_num_threads(threads)
-    directory, gguf = locate()
+    directory, gguf = locate_smollm2()
     output_dir = Path(output_dir)
     train_records, test_records = arithmetic.train_test_split(n_train, n_test, seed=seed)
     options = [f"adapter.options.{k}={v}" for k, v in DEMO_METHOD_OPTIONS.get(method, {}).items()]
@@ -100,11 +100,9 @@ def run_demo(
     )
     config.validate_method()
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     logger.info("Loading SmolLM2-135M-Instruct from %s.", directory / gguf)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
+    tokenizer = config.model.load_tokenizer()
+    model = config.model.load_model()
 
     logger.info("Evaluating the base model on %d held-out problems.", n_test)
     base_responses = generate_responses(model, tokenizer, test_records, config.data.template, batch_size=25)
