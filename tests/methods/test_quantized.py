@@ -7,6 +7,8 @@ runs on the GPU as well. The tiny models here are wider than ``tests/conftest.py
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -62,10 +64,15 @@ def quantized(path: str, quantization: str, device: str = "cpu") -> torch.nn.Mod
     model = AutoModelForCausalLM.from_pretrained(
         path, quantization_config=quantization_config(quantization), device_map=device
     )
+    return portable(model).eval()
+
+
+def portable(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn off bnb's machine-dependent CPU repacking of 4-bit weights (see :func:`quantized`)."""
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
-    return model.eval()
+    return model
 
 
 def dequantized(path: str, quantized_model: torch.nn.Module) -> torch.nn.Module:
@@ -218,3 +225,68 @@ def test_merge_into_quantized_base_is_refused(quantization, checkpoints, batch):
         base_logits = logits(model, batch)
     unloaded = model.unload()  # removing the adapter needs no full weights
     torch.testing.assert_close(logits(unloaded, batch), base_logits, rtol=0, atol=0)
+
+
+def test_load_causal_lm_quantizes_and_refuses_gguf(checkpoints):
+    from comol import loading
+    from comol.training.config import load_config
+
+    model = loading.load_causal_lm(checkpoints["llama"], dtype="fp32", quantization="nf4", device="cpu")
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, bnb.nn.Linear4bit) and q_proj.weight.quant_type == "nf4"
+    assert q_proj.compute_dtype == torch.float32
+    model = loading.load_causal_lm(checkpoints["llama"], dtype="fp32", quantization="int8", device="cpu")
+    assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear8bitLt)
+    required = ["model.name_or_path=m", "data.train=d.json"]
+    assert load_config(None, [*required, "model.quantization=NF4"]).model.quantization == "nf4"
+    with pytest.raises(ValueError, match=r"model\.quantization must be one of none, nf4, fp4, int8"):
+        load_config(None, [*required, "model.quantization=int4"])
+    with pytest.raises(ValueError, match=r"model\.quantization .*GGUF"):
+        load_config(None, [*required, "model.quantization=nf4", "model.gguf_file=m.gguf"])
+
+
+@pytest.mark.slow
+def test_comol_train_on_an_nf4_base_trains_and_reloads(tmp_path):
+    from tests.training.tiny import make_char_tokenizer, tiny_overrides
+
+    from comol.data.arithmetic import generate
+    from comol.training.config import load_config
+    from comol.training.run import train
+
+    tokenizer = make_char_tokenizer()
+    config = tiny_config("llama")
+    config.vocab_size, config.hidden_size, config.intermediate_size = len(tokenizer), 64, 128
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 2, 3, 0
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(generate(32, seed=1)))
+    overrides = tiny_overrides(
+        model_dir,
+        data,
+        tmp_path / "run",
+        **{
+            "adapter.method": "comol",
+            "adapter.options.num_experts": 2,
+            "model.quantization": "nf4",
+            "model.compute_dtype": "fp32",
+            "train.gradient_checkpointing": True,
+            "train.max_steps": 2,
+            "train.save_steps": 2,
+        },
+    )
+    result = train(load_config(None, overrides))
+    trained = result.model
+    q_proj = trained.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.get_base_layer(), bnb.nn.Linear4bit)
+    assert trained.get_base_model().is_gradient_checkpointing
+    losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    portable(trained).eval()
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9]])}
+    expected = logits(trained, batch)
+    base = portable(load_config(result.output_dir / "config.yaml").model.load_model())  # quantized as trained
+    reloaded = PeftModel.from_pretrained(base, result.adapter_dir).eval()
+    torch.testing.assert_close(logits(reloaded, batch), expected, rtol=0, atol=0)
