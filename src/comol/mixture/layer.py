@@ -242,6 +242,8 @@ class MixtureLayer(nn.Module, AdapterContainers):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``(..., d_in) -> (..., d_out)``: the base layer plus every active adapter's update."""
+        if self.context.adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -255,6 +257,27 @@ class MixtureLayer(nn.Module, AdapterContainers):
                 continue
             delta = self.adapter_forward(name, self._cast_input_dtype(x, self.adapter_dtype(name)))
             result = result + delta.to(result_dtype)
+        return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``(B, ..., d_in) -> (B, ..., d_out)``: row ``b`` gets adapter ``context.adapter_names[b]`` only.
+
+        Each adapter runs on its own rows (with their attention mask), exactly as it would alone; routing
+        stays per token. Rows named ``"__base__"``, or an adapter this layer does not hold, get the base layer.
+        """
+        if self.merged:
+            raise ValueError(
+                f"{self.module_key}: cannot pass adapter_names while adapters are merged; unmerge them first."
+            )
+        result = self.base_layer(x, *args, **kwargs)  # (B, ..., d_out)
+        if self.disable_adapters:
+            return result
+        for name, rows in self.context.adapter_rows(x.shape[0], x.device):
+            if name not in self.adapter_config:
+                continue
+            with self.context.rows(rows):
+                delta = self.adapter_forward(name, self._cast_input_dtype(x[rows], self.adapter_dtype(name)))
+            result = result.index_add(0, rows, delta.to(result.dtype))
         return result
 
     # --- merging ------------------------------------------------------------------------------------
