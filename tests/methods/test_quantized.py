@@ -290,3 +290,25 @@ def test_comol_train_on_an_nf4_base_trains_and_reloads(tmp_path):
     base = portable(load_config(result.output_dir / "config.yaml").model.load_model())  # quantized as trained
     reloaded = PeftModel.from_pretrained(base, result.adapter_dir).eval()
     torch.testing.assert_close(logits(reloaded, batch), expected, rtol=0, atol=0)
+
+
+def test_readme_qlora_memory_table_is_what_the_script_prints(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("qlora_memory", root / "benchmarks" / "qlora_memory.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    config = str(root / "configs" / "math14k" / "qwen3-8b" / "comol.yaml")
+    assert script.main([config, "--preset", "qwen3-8b"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    readme = (root / "README.md").read_text()
+    assert len(table) == 9 and all(line in readme for line in table), (
+        "README's QLoRA memory table is stale: rerun benchmarks/qlora_memory.py"
+    )
+    result = script.estimate(config, "qwen3-8b", ["model.quantization=nf4"])
+    assert result["trainable_params"] == 25_164_288  # the CoMoL run's count (comol params)
+    assert result["bytes"]["quantized base weights"] == pytest.approx(
+        result["quantized_weights"] * (0.5 + (1 + 4 / 256) / 64)
+    )
