@@ -206,6 +206,15 @@ def test_export_lora_from_quantized_base(case, quantization, checkpoints, batch,
         torch.testing.assert_close(logits(on_quantized.eval(), batch), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_adapter_dtype_of_a_quantized_base_is_a_float_dtype(quantization, checkpoints):
+    model = get_peft_model(quantized(checkpoints["llama"], quantization), config_of(QUANT_CASES[0]))
+    layer = next(iter(mixture_layers(model).values()))
+    assert not layer.get_base_layer().weight.dtype.is_floating_point
+    assert layer.adapter_dtype("default") == torch.float32
+    assert layer.adapter_dtype("not-created-yet") == torch.float32  # not the uint8 / int8 storage dtype
+
+
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
 def test_merge_into_quantized_base_is_refused(quantization, checkpoints, batch):
     case = next(case for case in CASES if case.id == "molora-one-expert")  # mergeable on a float base
