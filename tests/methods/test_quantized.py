@@ -119,7 +119,11 @@ def batch():
 
 def logits(model, batch) -> torch.Tensor:
     with torch.no_grad():
-        return model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float().cpu()
+        return (
+            model(**{k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+            .logits.float()
+            .cpu()
+        )
 
 
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
@@ -321,3 +325,24 @@ def test_readme_qlora_memory_table_is_what_the_script_prints(capsys):
     assert result["bytes"]["quantized base weights"] == pytest.approx(
         result["quantized_weights"] * (0.5 + (1 + 4 / 256) / 64)
     )
+
+
+# Not int8: LLM.int8's outlier columns are chosen over the whole batch, so a row's base output depends on
+# the other rows' hidden states, with or without adapters.
+@pytest.mark.parametrize("quantization", ["nf4", "fp4"])
+def test_mixed_adapter_batch_on_a_quantized_base(quantization, checkpoints, batch):
+    case = QUANT_CASES[0]
+    model = get_peft_model(
+        quantized(checkpoints[case.family], quantization), config_of(case), adapter_name="a"
+    )
+    model.add_adapter("b", config_of(case))
+    for seed, name in enumerate(("a", "b")):
+        model.set_adapter(name)
+        randomize_adapter(model, seed=seed)
+    model.eval()
+    names = ["b", "__base__"]
+    mixed = logits(model, {**batch, "adapter_names": names})
+    model.set_adapter("b")
+    torch.testing.assert_close(mixed[0], logits(model, batch)[0], rtol=1e-5, atol=1e-5)
+    with model.disable_adapter():
+        torch.testing.assert_close(mixed[1], logits(model, batch)[1], rtol=1e-5, atol=1e-5)
