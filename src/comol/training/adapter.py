@@ -51,13 +51,22 @@ def resolve_target_modules(model: torch.nn.Module, config: TrainConfig) -> list[
 def attach_adapter(model: torch.nn.Module, config: TrainConfig) -> PeftModel:
     """Wrap ``model`` with the configured adapter (``peft.get_peft_model``) and log its size.
 
-    A model loaded from GGUF by the caller is unmarked as quantized first (:func:`comol.loading.drop_gguf_quantizer`).
+    A model loaded from GGUF by the caller is unmarked as quantized first (:func:`comol.loading.drop_gguf_quantizer`);
+    a bitsandbytes-quantized model goes through peft's ``prepare_model_for_kbit_training``.
     """
     import peft
 
     import comol  # noqa: F401  (registers comol's methods with peft)
 
     drop_gguf_quantizer(model)
+    if getattr(
+        model, "is_quantized", False
+    ):  # QLoRA: norms in float32, inputs that require grad, checkpointing
+        model = peft.prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=config.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     peft_config = config.adapter.build(target_modules=resolve_target_modules(model, config))
     peft_model = peft.get_peft_model(model, peft_config)
     trainable = sum(_numel(p) for p in peft_model.parameters() if p.requires_grad)

@@ -67,12 +67,40 @@ class ModelConfig:
         default=None,
         metadata={"help": "transformers attention backend (eager, sdpa, ...); None: its default."},
     )
+    quantization: str = field(
+        default="none",
+        metadata={
+            "help": "bitsandbytes quantization of the frozen base weights (QLoRA): nf4 or fp4 (4-bit), int8, "
+            "or none. The adapter stays in float32; merging into a quantized base is refused."
+        },
+    )
+    compute_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "dtype 4-bit layers dequantize to and compute in (bf16, fp16, fp32); null: model.dtype."
+        },
+    )
+    double_quant: bool = field(
+        default=True,
+        metadata={"help": "Also quantize the 4-bit blocks' scales (QLoRA's double quantization)."},
+    )
 
     def __post_init__(self) -> None:
         self.dtype = canonical_dtype(self.dtype, allow_auto=False, what="model.dtype")
+        self.quantization = loading.canonical_quantization(self.quantization, what="model.quantization")
+        if self.compute_dtype is not None:
+            self.compute_dtype = canonical_dtype(
+                self.compute_dtype, allow_auto=False, what="model.compute_dtype"
+            )
+        if self.quantization != "none" and self.gguf_file is not None:
+            raise ValueError(
+                "model.quantization needs full-precision checkpoint weights to quantize; a GGUF file "
+                "(model.gguf_file) is already quantized. Use a safetensors checkpoint, or model.quantization=none."
+            )
 
     def load_model(self) -> PreTrainedModel:
-        """The base causal LM in ``dtype`` (:func:`comol.loading.load_causal_lm`)."""
+        """The base causal LM in ``dtype``, quantized if asked (:func:`comol.loading.load_causal_lm`)."""
+        compute_dtype = loading.resolve_dtype(self.compute_dtype or self.dtype)
         return loading.load_causal_lm(
             self.name_or_path,
             gguf_file=self.gguf_file,
@@ -80,6 +108,7 @@ class ModelConfig:
             revision=self.revision,
             trust_remote_code=self.trust_remote_code,
             attn_implementation=self.attn_implementation,
+            quantization=loading.bnb_config(self.quantization, compute_dtype, self.double_quant),
         )
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
