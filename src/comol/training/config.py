@@ -40,6 +40,21 @@ TRAINERS: tuple[str, ...] = ("transformers", "trl")
 LONG_PROMPT_POLICIES: tuple[str, ...] = ("error", "drop")
 BASE_KEY = "base"
 
+# Keys of the config that may change when a run is resumed: how long it runs, where it is written and
+# how it is logged, evaluated and checkpointed. Any other change alters the adapter the run produces.
+RESUMABLE_KEYS: tuple[str, ...] = (
+    "train.max_steps",
+    "train.num_epochs",
+    "train.output_dir",
+    "train.logging_steps",
+    "train.eval_steps",
+    "train.save_steps",
+    "train.save_total_limit",
+    "train.report_to",
+    "train.disable_tqdm",
+    "train.dataloader_num_workers",
+)
+
 
 @dataclass
 class ModelConfig:
