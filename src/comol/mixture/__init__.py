@@ -3,12 +3,14 @@
 - :mod:`~comol.mixture.config`: shared config fields (peft conventions) and default target modules.
 - :mod:`~comol.mixture.routing`: logits -> probs -> gates (soft, top-k), entropy, balancing loss.
 - :mod:`~comol.mixture.observe`: :class:`RoutingObserver`, how routers report decisions (stats, aux losses).
+- :mod:`~comol.mixture.adapters`: :class:`AdapterContainers`, peft's per-adapter bookkeeping for any module.
 - :mod:`~comol.mixture.layer`: :class:`MixtureLayer`, the adapter layer a method subclasses.
 - :mod:`~comol.mixture.model`: :class:`MixtureModel`, the peft tuner a method subclasses.
 - :mod:`~comol.mixture.stats`: :class:`RouterStats`, hooks for expert load and gate entropy.
 - :mod:`~comol.mixture.registration`: makes a method known to peft and to comol's CLI.
 """
 
+from comol.mixture.adapters import AdapterContainers
 from comol.mixture.config import DEFAULT_TARGET_MODULES, MixtureConfig, RoutedMixtureConfig
 from comol.mixture.layer import MergeNotSupportedError, MixtureLayer
 from comol.mixture.model import (
@@ -25,6 +27,7 @@ from comol.mixture.stats import RouterStats
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
+    "AdapterContainers",
     "ComolPeftType",
     "MergeNotSupportedError",
     "MixtureConfig",

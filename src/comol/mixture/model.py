@@ -94,11 +94,15 @@ class MixtureModel(BaseTuner):
             self.routing_context = None
         return model
 
-    def set_kernel(self, name: str) -> None:
-        """Choose the implementation of method fast paths (see :mod:`comol.kernels`) for every layer."""
+    def set_implementation(self, name: str) -> None:
+        """Choose how every mixture layer computes its update (see :meth:`MixtureLayer.set_implementation`).
+
+        ``"auto"`` (the default) picks the fastest available implementation, ``"eager"`` the reference; CoMoL
+        also has ``"fused"``, ``"triton"`` and ``"stacked"`` (:mod:`comol.kernels`).
+        """
         for module in self.model.modules():
             if isinstance(module, MixtureLayer):
-                module.kernel = name
+                module.set_implementation(name)
 
 
 def mixture_layers(model: nn.Module) -> dict[str, MixtureLayer]:
