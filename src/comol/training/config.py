@@ -34,6 +34,7 @@ from comol.data.prompts import TEMPLATES
 from comol.loading import canonical_dtype
 
 if TYPE_CHECKING:
+    from peft import PeftConfig
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 TRAINERS: tuple[str, ...] = ("transformers", "trl")
@@ -212,7 +213,7 @@ class AdapterConfig:
         """The effective ``lora_alpha`` (``r`` when unset)."""
         return float(self.r) if self.lora_alpha is None else self.lora_alpha
 
-    def build(self, target_modules: list[str] | None = None) -> Any:
+    def build(self, target_modules: list[str] | None = None) -> PeftConfig:
         """The method's peft config (raises ``ValueError`` for an unknown method or option).
 
         Args:
