@@ -129,7 +129,9 @@ def test_resume_continues_a_longer_run_and_records_forced_changes(run_dir: Path)
     assert load_config(run_dir / "config.yaml").train.learning_rate == 0.02
 
 
-def test_a_finished_run_without_checkpoints_is_not_overwritten(run_dir: Path, no_model_loading: None) -> None:
+def test_a_finished_run_without_checkpoints_is_not_overwritten(
+    run_dir: Path, finished_run: Path, no_model_loading: None
+) -> None:
     for checkpoint in run_dir.glob("checkpoint-*"):
         shutil.rmtree(checkpoint)
     adapter = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
@@ -140,6 +142,9 @@ def test_a_finished_run_without_checkpoints_is_not_overwritten(run_dir: Path, no
         train(config, resume=True)
     with pytest.raises(ValueError, match="not both"):
         train(config, resume=True, overwrite=True)
+    other = finished_run / "checkpoint-2"  # a checkpoint of another run, continued into this directory
+    with pytest.raises(ValueError, match=r"already holds another run .*choose another train\.output_dir"):
+        train(config, resume=other)
     assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
 
 

@@ -82,7 +82,8 @@ def resume_checkpoint(
     Args:
         output_dir: the run directory.
         resume: ``True``: the newest complete checkpoint in ``output_dir`` (None if the directory holds no
-            run yet); a path: that checkpoint; ``False``: none, and ``output_dir`` must hold no run's results
+            run yet); a path: that checkpoint (``output_dir`` must be its run's directory or hold no run);
+            ``False``: none, and ``output_dir`` must hold no run's results
             (checkpoints, ``adapter/``, ``metrics.json``) unless ``overwrite``.
         overwrite: a fresh start may replace the run in ``output_dir`` (see :func:`clear_run`).
 
@@ -116,6 +117,12 @@ def resume_checkpoint(
         return found
     path = Path(resume)
     check_checkpoint(path)
+    existing = run_outputs(output_dir)
+    if existing and path.resolve().parent != output_dir.resolve():
+        raise ValueError(
+            f"{output_dir} already holds another run ({', '.join(existing)}) than the one of {path}; choose "
+            "another train.output_dir to continue that checkpoint in."
+        )
     return path
 
 
