@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from comol.errors import UserError
 from comol.training.config import RESUMABLE_KEYS
 from comol.training.trainer import STAGING_DIR, complete_checkpoints, last_checkpoint
 
@@ -59,7 +60,7 @@ def check_output_dir(output_dir: Path) -> None:
     """Fail if ``train.output_dir`` (or a parent of it) exists and is not a directory."""
     for path in (output_dir, *output_dir.parents):
         if path.exists() and not path.is_dir():
-            raise ValueError(f"train.output_dir {output_dir}: {path} is a file; choose a directory.")
+            raise UserError(f"train.output_dir {output_dir}: {path} is a file; choose a directory.")
 
 
 def run_outputs(output_dir: Path) -> list[str]:
@@ -88,16 +89,16 @@ def resume_checkpoint(
         overwrite: a fresh start may replace the run in ``output_dir`` (see :func:`clear_run`).
 
     Raises:
-        ValueError: a fresh start over an earlier run without ``overwrite``, ``resume`` with ``overwrite``,
+        UserError: a fresh start over an earlier run without ``overwrite``, ``resume`` with ``overwrite``,
             a run without checkpoints to resume, or a checkpoint that is incomplete or damaged
             (:func:`check_checkpoint`).
     """
     if resume is not False and overwrite:
-        raise ValueError("Give --resume or --overwrite, not both.")
+        raise UserError("Give --resume or --overwrite, not both.")
     if resume is False:
         existing = run_outputs(output_dir)
         if existing and not overwrite:
-            raise ValueError(
+            raise UserError(
                 f"{output_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
                 "--overwrite to replace it, or choose another train.output_dir."
             )
@@ -107,7 +108,7 @@ def resume_checkpoint(
         if found is None:
             existing = run_outputs(output_dir)
             if existing:
-                raise ValueError(
+                raise UserError(
                     f"{output_dir} holds a run without checkpoints ({', '.join(existing)}): nothing to resume. "
                     "Pass --overwrite (without --resume) to replace it, or choose another train.output_dir."
                 )
@@ -119,7 +120,7 @@ def resume_checkpoint(
     check_checkpoint(path)
     existing = run_outputs(output_dir)
     if existing and path.resolve().parent != output_dir.resolve():
-        raise ValueError(
+        raise UserError(
             f"{output_dir} already holds another run ({', '.join(existing)}) than the one of {path}; choose "
             "another train.output_dir to continue that checkpoint in."
         )
@@ -138,19 +139,19 @@ def check_checkpoint(path: Path) -> None:
     their headers, so a truncated or damaged file is named here instead of failing inside the Trainer.
 
     Raises:
-        ValueError: the missing or damaged file, and what to do.
+        UserError: the missing or damaged file, and what to do.
     """
     if not path.is_dir():
-        raise ValueError(f"Checkpoint {path} is not a directory.")
+        raise UserError(f"Checkpoint {path} is not a directory.")
     state = path / _TRAINER_STATE
     if not state.is_file():
-        raise ValueError(f"{path} is not a complete checkpoint: {_TRAINER_STATE} is missing.{_REMEDY}")
+        raise UserError(f"{path} is not a complete checkpoint: {_TRAINER_STATE} is missing.{_REMEDY}")
     try:
         parsed = json.loads(state.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{state} is damaged ({err}).{_REMEDY}") from err
+        raise UserError(f"{state} is damaged ({err}).{_REMEDY}") from err
     if not isinstance(parsed, dict) or "global_step" not in parsed:
-        raise ValueError(f"{state} is damaged (no global_step).{_REMEDY}")
+        raise UserError(f"{state} is damaged (no global_step).{_REMEDY}")
     names = {p.name for p in path.iterdir()}
     directories = {n for n in names if (path / n).is_dir()}
     deepspeed = any(n.startswith("global_step") for n in directories)  # weights, optimizer and scheduler
@@ -173,7 +174,7 @@ def check_checkpoint(path: Path) -> None:
         for name in present:
             _check_file(path / name)
         if not present and not elsewhere:
-            raise ValueError(
+            raise UserError(
                 f"{path} is not a complete checkpoint: {candidates[0]} ({what}) is missing, so resuming would "
                 f"silently start it afresh.{_REMEDY}"
             )
@@ -197,9 +198,9 @@ def _check_file(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except (OSError, EOFError, ValueError, zipfile.BadZipFile, SafetensorError) as err:
-        raise ValueError(f"{path} is damaged or truncated ({err}).{_REMEDY}") from err
+        raise UserError(f"{path} is damaged or truncated ({err}).{_REMEDY}") from err
     if bad is not None:
-        raise ValueError(f"{path} is damaged (checksum mismatch in {bad}).{_REMEDY}")
+        raise UserError(f"{path} is damaged (checksum mismatch in {bad}).{_REMEDY}")
 
 
 def check_resume_config(
@@ -219,7 +220,7 @@ def check_resume_config(
         Every changed key with its ``(saved, new)`` values.
 
     Raises:
-        ValueError: a change outside :data:`RESUMABLE_KEYS` without ``allow_change``, naming the keys; or an
+        UserError: a change outside :data:`RESUMABLE_KEYS` without ``allow_change``, naming the keys; or an
             unreadable saved config.
     """
     if checkpoint is None:
@@ -236,7 +237,7 @@ def check_resume_config(
         saved = load_config(saved_path).to_dict()
     except ValueError as err:
         if not allow_change:
-            raise ValueError(
+            raise UserError(
                 f"Cannot read the saved config of the resumed run, {saved_path}: {err} Pass "
                 "--allow-config-change to resume with the current config anyway."
             ) from err
@@ -249,7 +250,7 @@ def check_resume_config(
     altering = [k for k in changed if k not in RESUMABLE_KEYS]
     if altering and not allow_change:
         listed = "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in altering)
-        raise ValueError(
+        raise UserError(
             f"--resume with a config that differs from the run's {saved_path} ({listed}). Resume with the saved "
             f"config (comol train --resume {saved_path}), change only {', '.join(RESUMABLE_KEYS)}, or pass "
             "--allow-config-change to continue with the new values (recorded in run_info.json)."
