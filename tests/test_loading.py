@@ -86,3 +86,13 @@ def test_only_the_gguf_quantizer_marker_is_dropped() -> None:
         and not hasattr(gguf.config, "quantization_config")
     )
     assert bnb.hf_quantizer is not None and bnb.is_quantized
+
+
+@pytest.mark.slow
+def test_smollm2_loads_dequantised_and_trainable() -> None:
+    if not loading.smollm2_installed():
+        pytest.skip(f"needs SmolLM2 ({loading.SMOLLM2_INSTALL}) and the gguf package")
+    model = loading.load_smollm2()
+    assert model.hf_quantizer is None and not model.is_quantized
+    assert next(model.parameters()).dtype == torch.float32
+    assert model.config.model_type == "llama"

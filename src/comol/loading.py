@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from comol.errors import UserError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -62,13 +64,13 @@ def canonical_dtype(name: str, allow_auto: bool = True, what: str = "dtype") -> 
         what: the setting's name for the error message (e.g. ``model.dtype``).
 
     Raises:
-        ValueError: an unknown name.
+        UserError: an unknown name (a ``ValueError``).
     """
     key = str(name).strip().lower()
     key = DTYPE_ALIASES.get(key, key)
     if key in DTYPES or (allow_auto and key == AUTO):
         return key
-    raise ValueError(f"{what} must be one of {', '.join(dtype_names(allow_auto))}; got {name!r}.")
+    raise UserError(f"{what} must be one of {', '.join(dtype_names(allow_auto))}; got {name!r}.")
 
 
 def resolve_dtype(name: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:

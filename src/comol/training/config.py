@@ -34,11 +34,27 @@ from comol.data.prompts import TEMPLATES
 from comol.loading import canonical_dtype
 
 if TYPE_CHECKING:
+    from peft import PeftConfig
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 TRAINERS: tuple[str, ...] = ("transformers", "trl")
 LONG_PROMPT_POLICIES: tuple[str, ...] = ("error", "drop")
 BASE_KEY = "base"
+
+# Keys of the config that may change when a run is resumed: how long it runs, where it is written and
+# how it is logged, evaluated and checkpointed. Any other change alters the adapter the run produces.
+RESUMABLE_KEYS: tuple[str, ...] = (
+    "train.max_steps",
+    "train.num_epochs",
+    "train.output_dir",
+    "train.logging_steps",
+    "train.eval_steps",
+    "train.save_steps",
+    "train.save_total_limit",
+    "train.report_to",
+    "train.disable_tqdm",
+    "train.dataloader_num_workers",
+)
 
 
 @dataclass
@@ -226,7 +242,7 @@ class AdapterConfig:
         """The effective ``lora_alpha`` (``r`` when unset)."""
         return float(self.r) if self.lora_alpha is None else self.lora_alpha
 
-    def build(self, target_modules: list[str] | None = None) -> Any:
+    def build(self, target_modules: list[str] | None = None) -> PeftConfig:
         """The method's peft config (raises ``ValueError`` for an unknown method or option).
 
         Args:
