@@ -9,7 +9,7 @@ generated task, each with exact-match scoring on held-out items:
 * ``sort``: "Sort these numbers from smallest to largest: ..." -> the numbers in ascending order.
 
 Then every variant is scored on all three tasks: the base model; each single LoRA; peft's
-``add_weighted_adapter`` (linear, equal weights 1/3); peft's Arrow (``create_arrow_model``); the composed CoMoL
+``add_weighted_adapter`` (linear, equal weights 1/3); peft's Arrow (as ``create_arrow_model`` builds it, see :func:`arrow_model`); the composed CoMoL
 with the uniform router (= the mean of the three updates), with the training-free Arrow-like router, and with
 only its router trained on a small mixed set; and a CoMoL trained from scratch on the same mixed set at the
 same budget (steps x batch). Results go to ``benchmarks/results/compose_experiment.{json,md}``.
@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import ArrowConfig, LoraConfig, PeftModel, create_arrow_model, get_peft_model
+from peft import ArrowConfig, LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.arrow import TASK_ADAPTER_PREFIX
 
 import comol
 from comol.data import arithmetic
@@ -173,6 +174,22 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, data: dict[str, tuple[list,
     return scores
 
 
+def arrow_model(base: torch.nn.Module, lora_dirs: list[Path], layers: list[int], r: int) -> PeftModel:
+    """peft's Arrow router (top_k=2) over the LoRAs, as ``peft.create_arrow_model`` builds it, but on the
+    adapted layers only: ``create_arrow_model`` puts its router on every layer that has a target module, and
+    fails ("stack expects a non-empty TensorList") on layers that none of the LoRAs adapts."""
+    names = [f"{TASK_ADAPTER_PREFIX}{i}" for i in range(len(lora_dirs))]
+    model = PeftModel.from_pretrained(base, str(lora_dirs[0]), adapter_name=names[0])
+    for name, path in zip(names[1:], lora_dirs[1:], strict=True):
+        model.load_adapter(str(path), adapter_name=name)
+    arrow = ArrowConfig(top_k=2, router_temperature=1.0)
+    arrow.task_adapter_names, arrow.gks_adapter_names = names, []
+    router = LoraConfig(arrow_config=arrow, target_modules=TARGETS, layers_to_transform=layers, r=r)
+    model.add_adapter(adapter_name="arrow_router", peft_config=router)
+    model.set_adapter("arrow_router")
+    return model
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -245,9 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     model.set_adapter("merged")
     results["add_weighted_adapter linear 1/3"] = evaluate(model, tokenizer, data)
     logger.info("peft Arrow")
-    model = create_arrow_model(
-        fresh(), [str(d) for d in lora_dirs], ArrowConfig(top_k=2, router_temperature=1.0)
-    )
+    model = arrow_model(fresh(), lora_dirs, layers, args.r)
     results["peft Arrow (top_k=2)"] = evaluate(model, tokenizer, data)
 
     for init in ("uniform", "arrow"):
