@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import comol
 from comol.cli import main
-from comol.compose import CompositionError, truncate_lora
+from comol.composition import CompositionError, truncate_lora
 from comol.mixture.model import mixture_layers
 
 from conftest import randomize_adapter, tiny_model
