@@ -38,8 +38,9 @@ def test_bench_entry_point_writes_json_and_markdown(tmp_path) -> None:
     assert result["command"].startswith("comol bench")
     variants = {row["variant"] for row in result["layers"]}
     assert {"base", "lora", "comol", "comol (eager)", "comol w/o CR", "comol stacked"} <= variants
-    for row in result["layers"]:
-        assert "error" in row or {"median_s", "saved_bytes", "trainable_params"} <= set(row)
+    for row in result["layers"]:  # the suite records a crashing variant as an error row: none may crash
+        assert "error" not in row, row
+        assert {"median_s", "saved_bytes", "trainable_params"} <= set(row)
     assert {row["impl"] for row in result["kernels"]} >= {"eager", "fused", "stacked"}
     assert any(t["target"].startswith("CoMoL E=8 / LoRA") for t in result["targets"])
     text = md.read_text()

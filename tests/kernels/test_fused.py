@@ -80,7 +80,7 @@ def _model(kernel: str, **options) -> nn.Module:
         r=4, lora_alpha=8, num_experts=3, target_modules=["proj"], init_weights=False, **options
     )
     model = get_peft_model(_Proj(), config)
-    model.base_model.set_kernel(kernel)
+    model.base_model.set_implementation(kernel)
     return model
 
 
@@ -160,3 +160,20 @@ def test_wrapped_router_takes_the_path_through_its_forward() -> None:
     layer = next(iter(comol.mixture.mixture_layers(model).values()))
     layer.comol_router["default"] = _ShardedRouter(layer.comol_router["default"])
     torch.testing.assert_close(model(x), expected)
+
+
+def test_set_implementation_checks_names_and_takes_effect_after_a_forward() -> None:
+    model = _model("auto")
+    layer = next(iter(comol.mixture.mixture_layers(model).values()))
+    x = torch.randn(4, 16)
+    model(x)
+    assert layer.implementation_for(x).name == "fused"
+    model.base_model.set_implementation("eager")  # the resolution cached for "auto" must not be reused
+    assert layer.implementation_for(x).name == "eager"
+    with pytest.raises(ValueError, match="unknown implementation 'nope'"):
+        model.base_model.set_implementation("nope")
+    molora = get_peft_model(
+        _Proj(), comol.build_config("molora", r=4, num_experts=2, target_modules=["proj"])
+    )
+    with pytest.raises(ValueError, match=r"choose one of \['auto', 'eager'\]"):
+        molora.base_model.set_implementation("fused")

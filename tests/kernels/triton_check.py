@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from comol.kernels.routed import routed_core_mix_eager
+from comol.kernels.eager import routed_core_mix_eager
 from comol.kernels.triton_core_mix import routed_core_mix_triton
 
 

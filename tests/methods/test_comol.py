@@ -274,7 +274,7 @@ def test_export_lora_is_exact_for_frozen_gates(tmp_path, input_ids):
         torch.testing.assert_close(g.sum(), torch.tensor(1.0))
     comol.export_lora(model, tmp_path / "lora", gates=gates)
     # Reference: the CoMoL model with every router replaced by the calibrated constant gate.
-    model.base_model.set_kernel("eager")  # the eager path goes through layer.route
+    model.base_model.set_implementation("eager")  # the eager path goes through layer.route
     for key, layer in mixture_layers(model).items():
         fixed = gates[key].double()
         layer.route = lambda name, x, z, fixed=fixed: fixed.expand(*z.shape[:-1], -1)

@@ -170,11 +170,6 @@ def markdown(result: dict[str, Any], plots: list[str]) -> str:
         " is given as well.",
         "",
     ]
-    if result.get("missing_methods"):
-        out += [
-            f"Missing baselines (not registered in this installation): {', '.join(result['missing_methods'])}.",
-            "",
-        ]
     for note in result.get("notes", []):
         out += [f"Note: {note}", ""]
 

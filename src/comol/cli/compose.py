@@ -137,13 +137,13 @@ def run_decompose(args: argparse.Namespace) -> int:
 
     import comol  # noqa: F401  (registers comol's methods with peft)
     from comol.composition import decompose
+    from comol.mixture import check_adapter_dir
 
     out = Path(args.out)
     verbose = bool(getattr(args, "verbose", False))
     try:
         _check_out(out, args.force)
-        if not (Path(args.adapter) / "adapter_config.json").is_file():
-            raise ValueError(f"--adapter {args.adapter} has no adapter_config.json.")
+        check_adapter_dir(args.adapter)  # a config, a known peft_type and that method's weights
         if args.rank is not None and args.rank < 1:
             raise ValueError(f"--rank must be >= 1, got {args.rank}.")
         model = PeftModel.from_pretrained(_load_base(args), args.adapter)

@@ -152,3 +152,11 @@ def evaluate_samples(
         sandbox=sandbox.protection,
     )
     return records, summary
+
+
+def markdown_table(summary: Mapping[str, Any]) -> str:
+    """A one-row Markdown table of the ``pass@k`` values of a :func:`evaluate_samples` summary, in percent."""
+    ks = [k for k in summary if k.startswith("pass@")]
+    header = "| " + " | ".join(ks) + " |"
+    cells = "| " + " | ".join(f"{100 * summary[k]:.1f}" for k in ks) + " |"
+    return "\n".join([header, "|" + "---:|" * len(ks), cells]) + "\n"

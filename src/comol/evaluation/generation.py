@@ -45,6 +45,11 @@ def load_model(
 
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; choose one of {DTYPES}.")
+    if adapter:
+        import comol  # registers comol's methods with peft
+
+        # Before loading the model: a clear error for an unknown peft_type or weights of another method.
+        comol.mixture.check_adapter_dir(adapter)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(model, gguf_file=gguf_file or None)
     tokenizer.padding_side = "left"
@@ -53,8 +58,6 @@ def load_model(
     lm = load_causal_lm(model, gguf_file=gguf_file or None, dtype=resolve_dtype(dtype, device))
     if adapter:
         from peft import PeftModel
-
-        import comol  # noqa: F401  (registers comol's methods with peft)
 
         logger.info("Loading adapter %s", adapter)
         lm = PeftModel.from_pretrained(lm, adapter)

@@ -3,7 +3,7 @@
 Notation: ``N`` tokens (leading dimensions flattened), ``r`` rank, ``E`` experts, ``k`` router input width
 (``r`` for core-space routing, ``d_in`` for input routing).
 
-The eager path (``comol.kernels.core_mix_eager``) keeps the experts' outputs ``(N, E, r)`` alive for
+The eager path (:func:`comol.kernels.eager.core_mix_eager`) keeps the experts' outputs ``(N, E, r)`` alive for
 backward, plus the float32 router probabilities ``(N, E)``. The functions here save only the *inputs*
 (``z``, the router input, small weights) and recompute the rest in backward, so the memory kept for
 backward matches plain LoRA's up to an ``(N, r)`` term whatever ``E`` is.

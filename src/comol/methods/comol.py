@@ -100,25 +100,31 @@ class CoMoLLayer(MixtureLayer):
         self.observe_routing(adapter_name, probs, gates, aux_loss_coef=config.aux_loss_coef)
         return gates.to(z.dtype)
 
+    def implementation_names(self) -> list[str]:
+        return kernels.core_mix_names()
+
+    def resolve_implementation(self, name: str, x: torch.Tensor) -> kernels.CoreMixImplementation:
+        return kernels.get_core_mix(name, x)
+
     def adapter_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """``(..., d_in) -> (..., d_out)``: ``(alpha/r) B (sum_e g_e M_e) A dropout(x)``."""
         z = self.comol_A[adapter_name](self.adapter_dropout[adapter_name](x))  # (..., r)
-        impl = kernels.resolve_core_mix(self.kernel, z)
+        impl: kernels.CoreMixImplementation = self.implementation_for(z)
         config: CoMoLConfig = self.adapter_config[adapter_name]
         router = self.comol_router[adapter_name]
         if (
-            kernels.has_routed_core_mix(impl)
+            impl.routed is not None
             and config.router_top_k is None
             and _plain_weight(router)
             and not (config.aux_loss_coef > 0 and self.training)  # the balancing loss needs probs' graph
         ):  # fast path: router, float32 softmax and mixing in one kernel
-            mixed, probs = kernels.routed_core_mix(
-                z, z if config.core_router else x, router.weight, self.comol_cores[adapter_name], impl=impl
+            mixed, probs = impl.routed(
+                z, z if config.core_router else x, router.weight, self.comol_cores[adapter_name]
             )  # (..., r), (..., E)
             self.observe_routing(adapter_name, probs, probs)
         else:
             gates = self.route(adapter_name, x, z)  # (..., E)
-            mixed = kernels.core_mix(z, gates, self.comol_cores[adapter_name], impl=impl)  # (..., r)
+            mixed = impl.core_mix(z, gates, self.comol_cores[adapter_name])  # (..., r)
         return self.comol_B[adapter_name](mixed) * self.scaling[adapter_name]
 
     def fixed_gate_lora(

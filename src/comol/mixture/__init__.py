@@ -6,6 +6,7 @@
 - :mod:`~comol.mixture.adapters`: :class:`AdapterContainers`, peft's per-adapter bookkeeping for any module.
 - :mod:`~comol.mixture.layer`: :class:`MixtureLayer`, the adapter layer a method subclasses.
 - :mod:`~comol.mixture.model`: :class:`MixtureModel`, the peft tuner a method subclasses.
+- :mod:`~comol.mixture.loading`: refusing weights that do not fit an adapter; the saved card's comol note.
 - :mod:`~comol.mixture.stats`: :class:`RouterStats`, hooks for expert load and gate entropy.
 - :mod:`~comol.mixture.registration`: makes a method known to peft and to comol's CLI.
 """
@@ -13,6 +14,7 @@
 from comol.mixture.adapters import AdapterContainers
 from comol.mixture.config import DEFAULT_TARGET_MODULES, MixtureConfig, RoutedMixtureConfig
 from comol.mixture.layer import MergeNotSupportedError, MixtureLayer
+from comol.mixture.loading import AdapterWeightsError, check_adapter_dir
 from comol.mixture.model import (
     MixtureModel,
     after_optimizer_step,
@@ -28,6 +30,7 @@ from comol.mixture.stats import RouterStats
 __all__ = [
     "DEFAULT_TARGET_MODULES",
     "AdapterContainers",
+    "AdapterWeightsError",
     "ComolPeftType",
     "MergeNotSupportedError",
     "MixtureConfig",
@@ -38,6 +41,7 @@ __all__ = [
     "RoutingContext",
     "RoutingObserver",
     "after_optimizer_step",
+    "check_adapter_dir",
     "collect_aux_loss",
     "mixture_layers",
     "register_method",

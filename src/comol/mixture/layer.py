@@ -70,7 +70,8 @@ class MixtureLayer(nn.Module, AdapterContainers):
         self.init_adapter_containers(None, context)
         self.adapter_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
-        self.kernel = "auto"  # implementation of method-specific fast paths, see comol.kernels
+        self.implementation = "auto"  # how adapter_forward computes the update, see set_implementation
+        self._resolved_implementations: dict[tuple[str, str, torch.dtype], Any] = {}
         self.kwargs = kwargs
 
     # ----------------------------------------------------------------------------------------------
@@ -112,6 +113,20 @@ class MixtureLayer(nn.Module, AdapterContainers):
         raise MergeNotSupportedError(
             f"{type(self).__name__} cannot be written as a LoRA with a fixed gate; export is not supported."
         )
+
+    def implementation_names(self) -> list[str]:
+        """Names :meth:`set_implementation` accepts; ``"eager"`` is the method's reference forward.
+
+        Default: ``["auto", "eager"]``, for a method with a single implementation.
+        """
+        return ["auto", "eager"]
+
+    def resolve_implementation(self, name: str, x: torch.Tensor) -> Any:
+        """What implementation ``name`` means for input ``x`` (its device and dtype); default: ``name``.
+
+        Called once per ``(name, device, dtype)``; :meth:`implementation_for` caches the result.
+        """
+        return name
 
     def after_optimizer_step(self, adapter_name: str) -> None:
         """Non-gradient state updates after each optimizer step (e.g. FlyLoRA's balancing bias). Default: none."""
@@ -174,12 +189,35 @@ class MixtureLayer(nn.Module, AdapterContainers):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
+    def set_implementation(self, name: str) -> None:
+        """Choose how this layer computes its update (``"auto"``: the fastest available, ``"eager"``: the
+        reference); see :meth:`implementation_names`."""
+        names = self.implementation_names()
+        if name not in names:
+            raise ValueError(
+                f"{type(self).__name__} {self.module_key or ''}: unknown implementation {name!r}; "
+                f"choose one of {names}."
+            )
+        self.implementation = name
+
+    def implementation_for(self, x: torch.Tensor) -> Any:
+        """The resolved :attr:`implementation` for ``x``'s device and dtype (cached)."""
+        key = (self.implementation, x.device.type, x.dtype)
+        resolved = self._resolved_implementations.get(key)
+        if resolved is None:
+            resolved = self._resolved_implementations[key] = self.resolve_implementation(key[0], x)
+        return resolved
+
     def adapter_dtype(self, adapter_name: str) -> torch.dtype:
         for layer_name in self.adapter_layer_names:
             container = getattr(self, layer_name)
             if adapter_name in container:
                 item = container[adapter_name]
-                tensor = item if isinstance(item, torch.Tensor) else next(item.parameters(), None)
+                if isinstance(item, torch.Tensor):
+                    tensor = item
+                else:  # a module: its weight, else its first parameter
+                    tensor = getattr(item, "weight", None)
+                    tensor = tensor if isinstance(tensor, torch.Tensor) else next(item.parameters(), None)
                 if tensor is not None:
                     return tensor.dtype
         return self.get_base_layer().weight.dtype

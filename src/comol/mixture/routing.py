@@ -77,10 +77,11 @@ def load_balancing_loss(
     num_experts = probs.shape[-1]
     probs = probs.reshape(-1, num_experts)
     gates = gates.reshape(-1, num_experts)
-    if bool((gates > 0).all()):  # soft routing: every expert has a gate, count the arg-max instead
-        dispatched = F.one_hot(gates.argmax(-1), num_experts).to(probs.dtype)
-    else:
-        dispatched = (gates > 0).to(probs.dtype)
+    # Soft routing (every token has a gate on every expert) counts each token's arg-max; sparse routing
+    # counts the experts with a non-zero gate. Chosen on the device, without a host-device sync.
+    nonzero = gates > 0  # (N, E)
+    arg_max = F.one_hot(gates.argmax(-1), num_experts).bool()  # (N, E)
+    dispatched = torch.where(nonzero.all(), arg_max, nonzero).to(probs.dtype)  # (N, E)
     if mask is not None:
         weight = mask.reshape(-1, 1).to(probs.dtype)
         denom = weight.sum().clamp_min(1.0)

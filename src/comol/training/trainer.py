@@ -54,7 +54,7 @@ class ComolTrainerMixin:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._router_stats = _router_stats(self.model)
-        self._aux_sum = 0.0
+        self._aux_sum: torch.Tensor | float = 0.0  # summed on the device; read when logging
         self._aux_count = 0
         self._tokens_since_log = 0
         self._last_log_time = time.perf_counter()
@@ -81,7 +81,7 @@ class ComolTrainerMixin:
         )
         aux = collect_aux_loss(model)  # always collected, so that evaluation never leaks into training
         if aux is not None and model.training:
-            self._aux_sum += float(aux.detach())
+            self._aux_sum = self._aux_sum + aux.detach()
             self._aux_count += 1
             if self._loss_is_scaled_for_ga(num_items_in_batch):
                 # The LM loss is already a share of the accumulated batch; make aux a share of it too.
@@ -115,7 +115,7 @@ class ComolTrainerMixin:
             logs["tokens_per_second"] = round(self._tokens_since_log * self.args.world_size / elapsed, 1)
             self._tokens_since_log, self._last_log_time = 0, now
             if self._aux_count:
-                logs["aux_loss"] = round(self._aux_sum / self._aux_count, 6)
+                logs["aux_loss"] = round(float(self._aux_sum) / self._aux_count, 6)
                 self._aux_sum, self._aux_count = 0.0, 0
             if self._router_stats is not None:
                 summary = self._router_stats.summary()

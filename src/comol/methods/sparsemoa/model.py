@@ -77,9 +77,8 @@ class SparseMoAModel(MixtureModel):
             moa = getattr(block, BLOCK_ATTR, None)
             if moa is None:
                 moa = SparseMoABlock(bkey, hidden_size, context=self.routing_context)
-                moa.set_adapter(
-                    list(self.active_adapters)
-                )  # peft's API; no tensors yet, so nothing to freeze
+                # Active as the tuner's adapters, through peft's API (no tensors yet, so nothing is frozen).
+                moa.set_adapter(list(self.active_adapters))
                 block.add_module(BLOCK_ATTR, moa)
             moa.attach(block, router_input, config.mlp_module if config.parallel_adapter_size else None)
             for index, (_, layer) in enumerate(layers):

@@ -1,0 +1,195 @@
+"""Model level: a training step (forward, backward, AdamW) and cached greedy decoding of whole models.
+
+:func:`bench_model` builds every variant on the same base weights (:func:`build_model_variants`), then
+times training (:func:`time_training`) and decoding (:func:`time_decoding`) with interleaved repeats.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from comol.bench.config import BenchConfig
+from comol.bench.memory import peak_device_memory, reset_peak_device_memory, saved_tensor_bytes
+from comol.bench.timing import interleaved_medians
+from comol.bench.variants import Variant, build_adapted, trainable
+
+logger = logging.getLogger(__name__)
+
+MODEL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(vocab_size: int = 1024) -> nn.Module:
+    """A 4-layer Llama built from a transformers config (no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
+    return LlamaForCausalLM(config)
+
+
+def model_variants(experts: list[int]) -> list[Variant]:
+    """Base, LoRA, CoMoL at the smallest, largest E (and 8), CoMoL w/o CR, the baselines at the smallest E."""
+    import comol
+
+    available = set(comol.method_names())
+    e_small, e_large = min(experts), max(experts)
+    variants = [
+        Variant("base (frozen)", None, uses_experts=False),
+        Variant("lora", "lora", uses_experts=False),
+    ]
+    for num_experts in sorted({e_small, e_large, 8} if 8 in experts else {e_small, e_large}):
+        variants.append(Variant(f"comol E={num_experts}", "comol", {"num_experts": num_experts}))
+    for name in ("molora", "hydralora"):
+        if name in available:
+            variants.append(Variant(f"{name} E={e_small}", name, {"num_experts": e_small}))
+    if "sparsemoa" in available:  # experts fixed by the model: one per adapted linear of a block + 1
+        variants.append(Variant("sparsemoa", "sparsemoa", {}))
+    return variants
+
+
+def build_model_variants(
+    cfg: BenchConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    factory: Callable[[], nn.Module],
+    variants: list[Variant],
+    r: int,
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Every variant on the same base weights; returns ``(label -> model, label -> error message)``.
+
+    A variant that fails to build is recorded as an error instead of stopping the suite.
+    """
+    base_state = None
+    models: dict[str, nn.Module] = {}
+    errors: dict[str, str] = {}
+    for variant in variants:
+        torch.manual_seed(cfg.seed)
+        model = factory()
+        if base_state is None:
+            base_state = {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            model.load_state_dict(base_state)
+        model.config.use_cache = True
+        try:
+            model = build_adapted(model, variant, r, MODEL_TARGETS)
+        except Exception as err:  # a baseline under development must not stop the suite
+            errors[variant.label] = f"{type(err).__name__}: {err}"
+            logger.warning("model bench: %s unavailable (%s)", variant.label, errors[variant.label])
+            continue
+        models[variant.label] = model.to(device=device, dtype=dtype)
+    return models, errors
+
+
+def time_training(
+    cfg: BenchConfig, device: torch.device, models: dict[str, nn.Module], ids: torch.Tensor
+) -> dict[str, dict[str, Any]]:
+    """Per model: step time (forward, backward, AdamW; interleaved medians), memory kept for backward, peak."""
+    steps = {}
+    for label, model in models.items():
+        params = trainable(model)
+        optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+        def train_step(model: nn.Module = model, optimizer: torch.optim.Optimizer | None = optimizer) -> None:
+            model.train()
+            loss = model(input_ids=ids, labels=ids).loss
+            if optimizer is not None:
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        steps[label] = train_step
+    times = interleaved_medians(steps, device, max(2, cfg.repeats // 2), 1)
+    results = {}
+    for label, model in models.items():
+        excluded = list(model.parameters()) + list(model.buffers())
+        reset_peak_device_memory(device)
+        with saved_tensor_bytes(exclude=excluded) as saved:
+            loss = model(input_ids=ids, labels=ids).loss
+        if loss.requires_grad:
+            loss.backward()
+        del loss
+        model.zero_grad(set_to_none=True)
+        results[label] = {
+            **times[label],
+            "tokens_per_s": ids.numel() / times[label]["median_s"],
+            "saved_bytes": saved.bytes,
+            "peak_bytes": peak_device_memory(device),
+            "trainable_params": sum(p.numel() for p in trainable(model)),
+        }
+    return results
+
+
+def time_decoding(
+    cfg: BenchConfig, device: torch.device, models: dict[str, nn.Module], vocab: int, batch: int
+) -> dict[str, float]:
+    """Per model: greedy decoding time per token with the KV cache, ``(t(n new) - t(1 new)) / (n - 1)``."""
+    prompt_len = 16
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + batch)
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(device)
+    attention_mask = torch.ones_like(prompt)
+
+    def generate(model: nn.Module, new_tokens: int) -> Callable[[], None]:
+        def run() -> None:
+            model.eval()
+            with torch.inference_mode():
+                model.generate(
+                    input_ids=prompt,
+                    attention_mask=attention_mask,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+
+        return run
+
+    cases = {}
+    for label, model in models.items():
+        cases[f"{label}\0long"] = generate(model, cfg.decode_tokens)
+        cases[f"{label}\0short"] = generate(model, 1)
+    times = interleaved_medians(cases, device, max(2, cfg.repeats // 2), 1)
+    return {
+        label: (times[f"{label}\0long"]["median_s"] - times[f"{label}\0short"]["median_s"])
+        / max(1, cfg.decode_tokens - 1)
+        for label in models
+    }
+
+
+def bench_model(
+    cfg: BenchConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    name: str,
+    factory: Callable[[], nn.Module],
+    batch: int,
+    seq: int,
+    r: int,
+) -> list[dict[str, Any]]:
+    """Training rows (time, tokens/s, memory) and decode rows (time per token) of model ``name``."""
+    models, errors = build_model_variants(cfg, device, dtype, factory, model_variants(cfg.experts), r)
+    vocab = next(iter(models.values())).config.vocab_size
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
+    rows: list[dict[str, Any]] = []
+    for label, result in time_training(cfg, device, models, ids).items():
+        rows.append({"model": name, "variant": label, "kind": "train", "batch": batch, "seq": seq, "r": r,
+                     **result})  # fmt: skip
+    for decode_batch in cfg.decode_batches:
+        for label, per_token in time_decoding(cfg, device, models, vocab, decode_batch).items():
+            rows.append({"model": name, "variant": label, "kind": "decode", "batch": decode_batch,
+                         "new_tokens": cfg.decode_tokens, "r": r, "per_token_s": per_token})  # fmt: skip
+    for label, message in errors.items():
+        rows.append({"model": name, "variant": label, "kind": "error", "error": message})
+    return rows
