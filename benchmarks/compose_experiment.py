@@ -14,7 +14,8 @@ with the uniform router (= the mean of the three updates), with the training-fre
 only its router trained on a small mixed set; and a CoMoL trained from scratch on the same mixed set at the
 same budget (steps x batch). Results go to ``benchmarks/results/compose_experiment.{json,md}``.
 
-Run (about 15 minutes on 2 otherwise idle CPU threads; defaults are kept small for that)::
+Run (defaults are small for a CPU: 30 steps per LoRA, 20 mixed steps, 30 test items per task; its run time
+has not been measured on an idle machine)::
 
     PYTHONPATH=src python benchmarks/compose_experiment.py --threads 2
 """
