@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -203,6 +204,14 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be positive or null, got {value}.")
 
 
+# adapter.trainable: which parameter-name parts train (None: every adapter parameter).
+TRAINABLE_PARTS: dict[str, tuple[str, ...] | None] = {
+    "all": None,
+    "router": ("router",),
+    "router+cores": ("router", "cores"),
+}
+
+
 @dataclass
 class AdapterConfig:
     """The adapter method and its hyperparameters (validated by the method's own config class)."""
@@ -229,6 +238,21 @@ class AdapterConfig:
             "unknown options are rejected by the method."
         },
     )
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from this saved adapter directory (e.g. one written by `comol compose`) instead of a "
+            "fresh adapter; its own config is used, so leave method, r, lora_alpha, target_modules and options "
+            "unset (or equal to the saved ones)."
+        },
+    )
+    trainable: str = field(
+        default="all",
+        metadata={
+            "help": "Which adapter parameters train: all, router (only the routers, e.g. of a composed "
+            "adapter) or router+cores (routers and CoMoL's expert cores; A and B stay frozen)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -236,6 +260,37 @@ class AdapterConfig:
         reserved = {"r", "lora_alpha", "target_modules", "task_type"} & set(self.options)
         if reserved:
             raise ValueError(f"Set {sorted(reserved)} directly under adapter:, not in adapter.options.")
+        if self.trainable not in TRAINABLE_PARTS:
+            raise ValueError(
+                f"adapter.trainable must be one of {list(TRAINABLE_PARTS)}, got {self.trainable!r}."
+            )
+        if self.init_from is not None:
+            self._check_init_from()
+
+    def _check_init_from(self) -> None:
+        path = Path(self.init_from) / "adapter_config.json"
+        if not path.is_file():
+            raise ValueError(
+                f"adapter.init_from={self.init_from!r} has no adapter_config.json; give an adapter dir."
+            )
+        saved = json.loads(path.read_text())
+        saved_method = str(saved.get("peft_type", "")).lower()
+        clashes = [
+            name
+            for name, clash in (
+                ("method", self.method != "comol" and self.method.lower() != saved_method),
+                ("r", self.r != 8 and self.r != saved.get("r")),
+                ("lora_alpha", self.lora_alpha is not None and self.lora_alpha != saved.get("lora_alpha")),
+                ("target_modules", self.target_modules is not None),
+                ("options", bool(self.options)),
+            )
+            if clash
+        ]
+        if clashes:
+            raise ValueError(
+                f"adapter.init_from={self.init_from!r} brings its own config; remove adapter.{', adapter.'.join(clashes)} "
+                "(or set them to the saved values)."
+            )
 
     @property
     def alpha(self) -> float:
@@ -375,7 +430,8 @@ class TrainConfig:
 
     def validate_method(self) -> None:
         """Build the adapter's peft config once, so that a bad method or option fails before any loading."""
-        self.adapter.build()
+        if self.adapter.init_from is None:  # a saved adapter's config was checked when it was saved
+            self.adapter.build()
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> TrainConfig:
