@@ -27,7 +27,6 @@ import torch
 
 from comol.mixture.routing import few_experts_on_cpu, softmax_f32
 
-
 SMALL_N = 64  # up to this many tokens (decoding), the merged-core order has the lower fixed cost
 
 
@@ -117,16 +116,18 @@ def core_mix_fused(z: torch.Tensor, gates: torch.Tensor, cores: torch.Tensor) ->
 class _RoutedCoreMix(torch.autograd.Function):
     """Router logits, float32 softmax and core mixing in one node.
 
-    Saves ``z``, the router input ``u`` (the same tensor as ``z`` for core-space routing, or the layer input
-    ``x`` that the A projection saves anyway), the router weight and the cores. Probabilities and expert
-    outputs are recomputed in backward.
+    ``router_input`` is None for core-space routing (the router reads ``z``; passing ``z`` twice would be a
+    duplicate input, which ``torch.compile`` refuses), else the layer input ``x`` that the A projection
+    saves anyway. Saves ``z``, ``x``, the router weight and the cores; probabilities and expert outputs are
+    recomputed in backward.
     """
 
     @staticmethod
     def forward(
-        z: torch.Tensor, router_input: torch.Tensor, router_weight: torch.Tensor, cores: torch.Tensor
+        z: torch.Tensor, router_input: torch.Tensor | None, router_weight: torch.Tensor, cores: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        zf, uf = _flat(z), _flat(router_input)
+        zf = _flat(z)
+        uf = zf if router_input is None else _flat(router_input)
         probs = softmax_f32(uf @ router_weight.t())  # (N, E) float32
         mixed = _mix(zf, probs.to(z.dtype), cores)  # (N, r)
         lead = z.shape[:-1]
@@ -141,20 +142,20 @@ class _RoutedCoreMix(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad_m: torch.Tensor, _grad_probs: torch.Tensor | None
-    ) -> tuple[torch.Tensor, ...]:
+    ) -> tuple[torch.Tensor | None, ...]:
         z, router_input, router_weight, cores = ctx.saved_tensors
-        zf, uf = _flat(z), _flat(router_input)
+        zf = _flat(z)
+        uf = zf if router_input is None else _flat(router_input)
         logits = uf @ router_weight.t()  # (N, E), recomputed
         probs = softmax_f32(logits)  # (N, E) float32
         grad_z, grad_gates, grad_cores = _mix_backward(
             zf, probs.to(z.dtype), cores, _flat(grad_m).to(z.dtype)
         )
-        grad_gates = grad_gates.to(probs.dtype)
-        grad_logits = probs * (grad_gates - (grad_gates * probs).sum(-1, keepdim=True))  # (N, E) float32
-        grad_logits = grad_logits.to(logits.dtype)
-        grad_u = grad_logits @ router_weight  # (N, k)
+        grad_logits = _softmax_backward(grad_gates.to(probs.dtype), probs).to(logits.dtype)  # (N, E)
         grad_w = grad_logits.t() @ uf  # (E, k)
-        # When router_input is z, autograd adds grad_u to grad_z itself.
+        if router_input is None:  # the router's input is z: both gradients meet there
+            return torch.addmm(grad_z, grad_logits, router_weight).view_as(z), None, grad_w, grad_cores
+        grad_u = grad_logits @ router_weight  # (N, k)
         return grad_z.view_as(z), grad_u.view_as(router_input), grad_w, grad_cores
 
 
@@ -172,12 +173,13 @@ def routed_core_mix_fused(
     Returns:
         ``mixed (..., r)`` and the router ``probs (..., E)`` in float32 (detached, for statistics).
     """
+    u = None if router_input is z else router_input
     if not torch.is_grad_enabled() or not any(
         t.requires_grad for t in (z, router_input, router_weight, cores)
     ):  # inference: same maths, no autograd node
         with torch.no_grad():
-            return _RoutedCoreMix.forward(z, router_input, router_weight, cores)
-    return _RoutedCoreMix.apply(z, router_input, router_weight, cores)
+            return _RoutedCoreMix.forward(z, u, router_weight, cores)
+    return _RoutedCoreMix.apply(z, u, router_weight, cores)
 
 
 # --------------------------------------------------------------------------------------------------------
