@@ -59,6 +59,7 @@ class BenchConfig:
             smollm2_seq=128,
             decode_tokens=8,
             decode_batches=[1, 8],
+            compiled_step=False,  # inductor needs many minutes per variant on a small CPU
         )
         for key, value in overrides.items():
             setattr(base, key, value)
