@@ -86,7 +86,7 @@ def test_doc_table_is_the_generated_one(table):
     text = DOC.read_text()
     start, end = "<!-- paper-table:start -->\n", "<!-- paper-table:end -->"
     assert text.split(start, 1)[1].split(end, 1)[0] == paper_table_markdown(table), (
-        "the README parameter table is stale: run python -m comol.params --paper-table --output README.md"
+        "the README parameter table is stale: run comol params --paper-table --by-depth --output README.md"
     )
 
 
@@ -137,3 +137,45 @@ def test_parse_options():
     }
     with pytest.raises(ValueError):
         parse_options(["novalue"])
+
+
+def test_cli_paper_table_writes_between_the_marker_lines(tmp_path, capsys, table):
+    path = tmp_path / "doc.md"
+    head = "# Doc\n\nThe table sits between `<!-- paper-table:start -->` and its end line.\n\n"
+    path.write_text(f"{head}<!-- paper-table:start -->\nstale\n<!-- paper-table:end -->\n\nAfter.\n")
+    assert cli_main(["params", "--paper-table", "--by-depth", "--output", str(path)]) == 0
+    expected = (
+        f"{head}<!-- paper-table:start -->\n{paper_table_markdown(table)}<!-- paper-table:end -->\n\nAfter.\n"
+    )
+    assert path.read_text() == expected
+    assert str(path) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--paper-table", "--model", "qwen3-8b"], "drop --model"),
+        (["--paper-table", "--method", "comol", "--r", "8"], "drop --method --r"),
+        (["--by-depth"], "--by-depth only apply to --paper-table"),
+        (["--method", "lora"], "--model and --method are required"),
+    ],
+)
+def test_cli_paper_table_rejects_mixed_flags(args, match, capsys):
+    assert cli_main(["params", *args]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_cli_paper_table_refuses_a_file_without_markers_before_counting(tmp_path, capsys, monkeypatch):
+    import comol.params.table
+
+    def not_called(*args, **kwargs):
+        raise AssertionError("counted before checking --output")
+
+    monkeypatch.setattr(comol.params.table, "count_params_by_depth", not_called)
+    path = tmp_path / "doc.md"
+    path.write_text("no markers here\n")
+    assert cli_main(["params", "--paper-table", "--by-depth", "--output", str(path)]) == 2
+    assert "no <!-- paper-table:start -->" in capsys.readouterr().err
+    assert path.read_text() == "no markers here\n"
+    assert cli_main(["params", "--paper-table", "--output", str(tmp_path / "missing.md")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -4,6 +4,7 @@
 and transformers' ``model.load_adapter`` work with comol adapters.
 """
 
+from comol.compose import CompositionError, compose_loras, decompose
 from comol.export import calibrate_gates, export_lora
 
 # importing comol.methods imports, and so registers, every method
@@ -17,12 +18,15 @@ __all__ = [
     "CoMoLConfig",
     "CoMoLLayer",
     "CoMoLModel",
+    "CompositionError",
     "MergeNotSupportedError",
     "RouterStats",
     "__version__",
     "build_config",
     "calibrate_gates",
     "collect_aux_loss",
+    "compose_loras",
+    "decompose",
     "export_lora",
     "get_config_class",
     "method_names",

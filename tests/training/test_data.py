@@ -10,6 +10,7 @@ import pytest
 
 from comol.data import arithmetic
 from comol.data.prompts import render_prompt
+from comol.demo.generation import answer_accuracy
 from comol.training.data import (
     IGNORE_INDEX,
     CausalLMCollator,
@@ -18,7 +19,6 @@ from comol.training.data import (
     tokenize_record,
     tokenize_records,
 )
-from comol.training.generation import answer_accuracy
 
 from .tiny import make_char_tokenizer
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from comol.loading import resolve_dtype
+
 # Qwen3-8B projection shapes (d_in, d_out): q/o (4096 -> 4096), k/v (4096 -> 1024), down (12288 -> 4096).
 QWEN3_8B_SHAPES: tuple[tuple[int, int], ...] = ((4096, 4096), (4096, 1024), (12288, 4096))
 
@@ -71,9 +73,7 @@ class BenchConfig:
         return torch.device(self.device)
 
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return getattr(torch, self.dtype)
+        return resolve_dtype(self.dtype, device)
 
 
 def environment(device: torch.device) -> dict[str, Any]:

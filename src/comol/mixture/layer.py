@@ -26,11 +26,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.tuners.tuners_utils import _get_in_out_features, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from comol.mixture.observe import RoutingContext, RoutingObserver
+from comol.mixture.adapters import AdapterContainers
+from comol.mixture.observe import RoutingContext
 
 if TYPE_CHECKING:
     from comol.mixture.config import MixtureConfig
@@ -40,26 +41,20 @@ class MergeNotSupportedError(ValueError):
     """Raised when an adapter's update depends on the input, so it cannot be folded into ``W``."""
 
 
-class MixtureLayer(nn.Module, BaseTunerLayer, RoutingObserver):
+class MixtureLayer(nn.Module, AdapterContainers):
     """Base class of all mixture-of-LoRA adapter layers.
 
     Subclasses set :attr:`prefix` (``"<method>_"``), :attr:`module_parts` and :attr:`param_parts`; the
     per-adapter containers ``<prefix><part>`` (an ``nn.ModuleDict`` or ``nn.ParameterDict`` keyed by
-    adapter name) are created here and listed in peft's ``adapter_layer_names``.
+    adapter name) are created by :class:`~comol.mixture.adapters.AdapterContainers` and listed in peft's
+    ``adapter_layer_names``.
 
     Args:
         base_layer: the frozen ``nn.Linear`` or ``Conv1D``.
         context: the owning tuner's :class:`RoutingContext`.
     """
 
-    prefix: ClassVar[str] = ""
-    module_parts: ClassVar[tuple[str, ...]] = ()
-    param_parts: ClassVar[tuple[str, ...]] = ()
     other_param_names: ClassVar[tuple[str, ...]] = ("adapter_config", "scaling")
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls.adapter_layer_names = tuple(cls.prefix + part for part in cls.module_parts + cls.param_parts)
 
     def __init__(self, base_layer: nn.Module, context: RoutingContext | None = None, **kwargs: Any) -> None:
         nn.Module.__init__(self)
@@ -72,20 +67,11 @@ class MixtureLayer(nn.Module, BaseTunerLayer, RoutingObserver):
             )
         self.in_features, self.out_features = _get_in_out_features(base)
         self.is_conv1d = isinstance(base, Conv1D)
-        for part in self.module_parts:
-            setattr(self, self.prefix + part, nn.ModuleDict())
-        for part in self.param_parts:
-            setattr(self, self.prefix + part, nn.ParameterDict())
+        self.init_adapter_containers(None, context)
         self.adapter_dropout = nn.ModuleDict()
-        self.adapter_config: dict[str, MixtureConfig] = {}
         self.scaling: dict[str, float] = {}
-        self.module_key: str | None = None
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
-        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
         self.implementation = "auto"  # how adapter_forward computes the update, see set_implementation
         self._resolved_implementations: dict[tuple[str, str, torch.dtype], Any] = {}
-        self.init_observer(context)
         self.kwargs = kwargs
 
     # ----------------------------------------------------------------------------------------------
@@ -183,10 +169,6 @@ class MixtureLayer(nn.Module, BaseTunerLayer, RoutingObserver):
     # ----------------------------------------------------------------------------------------------
     # Shared machinery
     # ----------------------------------------------------------------------------------------------
-    def part(self, name: str) -> nn.ModuleDict | nn.ParameterDict:
-        """The per-adapter container ``<prefix><name>``."""
-        return getattr(self, self.prefix + name)
-
     def update_layer(
         self,
         adapter_name: str,

@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 from comol.mixture.config import DEFAULT_TARGET_MODULES, MixtureConfig
 from comol.mixture.layer import MergeNotSupportedError, MixtureLayer
+from comol.mixture.loading import check_loaded_adapter
 from comol.mixture.observe import RoutingContext, RoutingObserver
 
 
@@ -75,6 +76,17 @@ class MixtureModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # a further adapter is not trainable until it is set active
         self._replace_module(parent, target_name, new_module, target)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: MixtureConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """peft's key mapping, then a refusal if the weights lack any tensor of the adapter being loaded."""
+        remapped = super()._remap_adapter_state_dict_for_load(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
+        )
+        check_loaded_adapter(model, str(config.peft_type), cls.prefix, adapter_name, remapped)
+        return remapped
 
     def _check_merge_allowed(self) -> None:
         """Refuse to merge before touching any weight if an active adapter depends on the input."""

@@ -25,13 +25,17 @@ import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from comol import loading
 from comol.data.prompts import TEMPLATES
+from comol.loading import canonical_dtype
 
-DTYPES: tuple[str, ...] = ("bf16", "fp16", "fp32")
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 TRAINERS: tuple[str, ...] = ("transformers", "trl")
 LONG_PROMPT_POLICIES: tuple[str, ...] = ("error", "drop")
 BASE_KEY = "base"
@@ -55,7 +59,7 @@ class ModelConfig:
         default="bf16",
         metadata={
             "help": "Precision: bf16 or fp16 (base weights in that dtype, adapters in float32 under autocast) "
-            "or fp32."
+            "or fp32 (long forms bfloat16, float16, float32 also accepted)."
         },
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
@@ -65,8 +69,27 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype must be one of {DTYPES}, got {self.dtype!r}.")
+        self.dtype = canonical_dtype(self.dtype, allow_auto=False, what="model.dtype")
+
+    def load_model(self) -> PreTrainedModel:
+        """The base causal LM in ``dtype`` (:func:`comol.loading.load_causal_lm`)."""
+        return loading.load_causal_lm(
+            self.name_or_path,
+            gguf_file=self.gguf_file,
+            dtype=self.dtype,
+            revision=self.revision,
+            trust_remote_code=self.trust_remote_code,
+            attn_implementation=self.attn_implementation,
+        )
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The model's tokenizer (from the GGUF file if ``gguf_file`` is set)."""
+        return loading.load_tokenizer(
+            self.name_or_path,
+            gguf_file=self.gguf_file,
+            revision=self.revision,
+            trust_remote_code=self.trust_remote_code,
+        )
 
 
 @dataclass
@@ -195,8 +218,9 @@ class AdapterConfig:
 
 
 @dataclass
-class OptimConfig:
-    """Optimisation, schedule, logging, evaluation and checkpointing (mapped onto ``TrainingArguments``)."""
+class TrainingConfig:
+    """The ``train:`` section: optimisation, schedule, batch sizes, logging, evaluation, checkpointing and the
+    run directory (mapped onto ``TrainingArguments``)."""
 
     output_dir: str = field(
         default="runs/comol", metadata={"help": "Run directory: checkpoints, logs, config, final adapter."}
@@ -286,7 +310,9 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The base model."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "The training data."})
     adapter: AdapterConfig = field(default_factory=AdapterConfig, metadata={"help": "The adapter method."})
-    train: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "The optimisation."})
+    train: TrainingConfig = field(
+        default_factory=TrainingConfig, metadata={"help": "The optimisation and the run directory."}
+    )
 
     def __post_init__(self) -> None:
         if not self.model.name_or_path:

@@ -17,12 +17,14 @@ from typing import Any
 import torch
 
 from comol.data import arithmetic
-from comol.data.smollm2 import locate
+from comol.demo.generation import answer_accuracy, answer_marks, generate_responses
+from comol.loading import locate_smollm2
 from comol.training.config import load_config
-from comol.training.generation import answer_accuracy, generate_responses
 from comol.training.run import PreparedData, train
 
 logger = logging.getLogger(__name__)
+
+N_EXAMPLES = 5  # held-out problems shown on the demo's last screen, each marked right or wrong
 
 # Options the demo passes per method (beyond r and alpha); methods not listed use their own defaults.
 DEMO_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"comol": {"num_experts": 4}}
@@ -38,7 +40,7 @@ class DemoResult:
     adapter_dir: Path
     train_seconds: float
     total_seconds: float
-    examples: list[dict[str, str]]
+    examples: list[dict[str, Any]]  # question, answer, base, tuned, base_correct, tuned_correct
 
 
 def run_demo(
@@ -69,7 +71,7 @@ def run_demo(
     start = time.perf_counter()
     if threads is not None:
         torch.set_num_threads(threads)
-    directory, gguf = locate()
+    directory, gguf = locate_smollm2()
     output_dir = Path(output_dir)
     train_records, test_records = arithmetic.train_test_split(n_train, n_test, seed=seed)
     options = [f"adapter.options.{k}={v}" for k, v in DEMO_METHOD_OPTIONS.get(method, {}).items()]
@@ -100,11 +102,9 @@ def run_demo(
     )
     config.validate_method()
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     logger.info("Loading SmolLM2-135M-Instruct from %s.", directory / gguf)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
+    tokenizer = config.model.load_tokenizer()
+    model = config.model.load_model()
 
     logger.info("Evaluating the base model on %d held-out problems.", n_test)
     base_responses = generate_responses(model, tokenizer, test_records, config.data.template, batch_size=25)
@@ -126,9 +126,24 @@ def run_demo(
         result.model, tokenizer, test_records, config.data.template, batch_size=25
     )
     tuned_accuracy = answer_accuracy(tuned_responses, test_records)
+    shown = slice(0, N_EXAMPLES)
+    marks = zip(
+        answer_marks(base_responses[shown], test_records[shown]),
+        answer_marks(tuned_responses[shown], test_records[shown]),
+        strict=True,
+    )
     examples = [
-        {"question": r["instruction"], "answer": r["answer"], "base": b.strip(), "tuned": t.strip()}
-        for r, b, t in list(zip(test_records, base_responses, tuned_responses, strict=True))[:3]
+        {
+            "question": r["instruction"],
+            "answer": r["answer"],
+            "base": b.strip(),
+            "tuned": t.strip(),
+            "base_correct": base_ok,
+            "tuned_correct": tuned_ok,
+        }
+        for r, b, t, (base_ok, tuned_ok) in zip(
+            test_records[shown], base_responses[shown], tuned_responses[shown], marks, strict=True
+        )
     ]
     demo = DemoResult(
         method=method,
