@@ -61,7 +61,6 @@ class BenchConfig:
             smollm2_seq=128,
             decode_tokens=8,
             decode_batches=[1, 8],
-            compiled_step=False,  # inductor needs many minutes per variant on a small CPU
         )
         for key, value in overrides.items():
             setattr(base, key, value)
