@@ -45,6 +45,17 @@ def test_missing_demo_model_names_the_install_command(monkeypatch: pytest.Monkey
     assert not loading.smollm2_installed()
 
 
+def test_demo_rejects_a_bad_override_with_exit_code_2(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import comol.demo.run
+
+    monkeypatch.setattr(comol.demo.run, "locate_smollm2", lambda: (tmp_path, "model.gguf"))
+    assert main(["demo", "--output-dir", str(tmp_path / "demo"), "train.nosuch=1"]) == 2
+    assert "Unknown config key 'train.nosuch'" in caplog.text
+    assert not (tmp_path / "demo").exists()
+
+
 def test_demo_examples_are_each_marked_right_or_wrong() -> None:
     from rich.console import Console
 

@@ -50,9 +50,12 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
             overrides=args.overrides,
         )
-    except (ModelNotInstalledError, ValueError) as err:
+    except ModelNotInstalledError as err:
         logger.error("%s", err)
         return 1
+    except ValueError as err:  # a bad option or override
+        logger.error("%s", err)
+        return 2
     from rich.console import Console
     from rich.table import Table
 

@@ -58,7 +58,7 @@ def run_demo(
     Args:
         method: adapter method name.
         max_steps: optimiser steps (batch of 8 sequences each).
-        output_dir: run directory (its contents are replaced).
+        output_dir: run directory (an earlier run in it is replaced: :func:`comol.training.rundir.clear_run`).
         n_train: generated training problems (only ``8 * max_steps`` are seen).
         n_test: held-out test problems.
         seed: seed of the problem generator and of training.
@@ -114,7 +114,7 @@ def run_demo(
     train_start = time.perf_counter()
     result = train(
         config,
-        resume=_existing_run(output_dir),
+        overwrite=True,  # an earlier demo run in the same directory is replaced
         model=model,
         tokenizer=tokenizer,
         records=PreparedData(train=train_records, validation=[]),
@@ -162,13 +162,3 @@ def run_demo(
     }
     (output_dir / "demo_results.json").write_text(json.dumps(summary, indent=2))
     return demo
-
-
-def _existing_run(output_dir: Path) -> bool:
-    # A finished earlier demo in the same directory is replaced rather than resumed.
-    if output_dir.exists():
-        import shutil
-
-        logger.info("Replacing the earlier demo run in %s.", output_dir)
-        shutil.rmtree(output_dir)
-    return False
