@@ -53,3 +53,30 @@ def test_bench_entry_point_writes_json_and_markdown(tmp_path) -> None:
     ):
         assert heading in text
     assert (tmp_path / "layer_median_vs_experts.png").exists()
+
+
+def test_model_level_targets_compare_each_variant_with_lora_of_the_same_model() -> None:
+    from comol.bench.report import targets
+
+    def train(variant: str, seconds: float, saved: int, kind: str = "train") -> dict:
+        return {"model": "m", "variant": variant, "kind": kind, "batch": 4, "seq": 8, "r": 16,
+                "median_s": seconds, "saved_bytes": saved}  # fmt: skip
+
+    def decode(variant: str, batch: int, seconds: float) -> dict:
+        return {"model": "m", "variant": variant, "kind": "decode", "batch": batch, "per_token_s": seconds}
+
+    models = [train("lora", 1.0, 1000), train("comol E=8", 1.02, 1011), train("comol E=64", 1.06, 1000),
+              train("comol w/o CR E=8", 1.07, 1000), decode("lora", 1, 1.0), decode("comol E=8", 1, 1.04),
+              decode("lora", 8, 1.0), decode("comol E=8", 8, 1.2), train("lora", 2.0, 0, "train-compiled"),
+              train("comol E=8", 2.1, 0, "train-compiled")]  # fmt: skip
+    result = {"layers": [], "kernels": [], "models": models, "environment": {"device_type": "cpu"}}
+    met = {t["target"]: (round(t["value"], 4), t["met"]) for t in targets(result)}
+    assert met == {
+        "comol E=8 / LoRA: training step": (1.02, True),
+        "comol E=64 / LoRA: training step": (1.06, False),
+        "comol w/o CR E=8 / LoRA: training step": (1.07, True),
+        "comol E=8 / LoRA: saved for backward (training step)": (1.011, False),
+        "comol E=8 / LoRA (unmerged): decode per token, batch 1": (1.04, True),
+        "comol E=8 / LoRA (unmerged): decode per token, batch 8": (1.2, False),
+        "comol E=8 / LoRA: compiled training step (torch.compile, fullgraph)": (1.05, False),
+    }

@@ -65,6 +65,69 @@ def test_routed_matches_eager(dtype: torch.dtype, tol: float, core_router: bool,
         torch.testing.assert_close(a, b, atol=tol * 4, rtol=tol * 4)
 
 
+def _eager_branch(x, lora_A, w, cores, lora_B, scaling, core_router, router_x=None):
+    """The layer's eager steps: ``A``, the eager routed mixing, ``B``, scaling."""
+    z = x @ lora_A.t()
+    u = z if core_router else (x if router_x is None else router_x)
+    mixed, probs = kernels.routed_core_mix_eager(z, u, w, cores)
+    return scaling * mixed @ lora_B.t(), probs
+
+
+ROUTINGS = pytest.mark.parametrize("routing", ["core", "input", "input, dropout"])
+# Up to 64 tokens, and for E > r, the mixing merges cores per token; beyond, it contracts (g ⊗ z).
+ORDERS = pytest.mark.parametrize("n", [6, 80], ids=["merged", "outer"])
+
+
+def _branch_inputs(n: int, routing: str, num_experts: int = 3):
+    gen = torch.Generator().manual_seed(1)
+
+    def t(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    core_router = routing == "core"
+    x, router_x = t(2, n // 2, 5), (t(2, n // 2, 5) if routing == "input, dropout" else None)
+    w = t(num_experts, 4 if core_router else 5)
+    return x, t(4, 5), w, t(num_experts, 4, 4), t(6, 4), 1.7, core_router, router_x
+
+
+@ORDERS
+@ROUTINGS
+@pytest.mark.parametrize("num_experts", [3, 7], ids=["E<=r", "E>r"])
+def test_branch_matches_eager_float64(n: int, routing: str, num_experts: int) -> None:
+    args = _branch_inputs(n, routing, num_experts)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    results = []
+    for fn in (_eager_branch, kernels.comol_branch_fused):
+        delta, probs = fn(*args)
+        grads = torch.autograd.grad(delta, tensors, torch.ones_like(delta) + delta.detach())
+        results.append((delta, probs, grads))
+    (d0, p0, g0), (d1, p1, g1) = results
+    assert d1.shape == (2, n // 2, 6) and p1.shape == (2, n // 2, num_experts) and not p1.requires_grad
+    torch.testing.assert_close(d1, d0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(p1, p0.to(p1.dtype), rtol=1e-12, atol=1e-12)
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@ORDERS
+@ROUTINGS
+def test_gradcheck_branch(n: int, routing: str) -> None:
+    x, lora_A, w, cores, lora_B, scaling, core_router, router_x = _branch_inputs(n, routing)
+
+    def fn(x, router_x, lora_A, w, cores, lora_B):
+        return kernels.comol_branch_fused(x, lora_A, w, cores, lora_B, scaling, core_router, router_x)[0]
+
+    assert torch.autograd.gradcheck(fn, (x, router_x, lora_A, w, cores, lora_B))
+
+
+def test_branch_skips_the_input_gradient_nobody_needs() -> None:
+    x, lora_A, w, cores, lora_B, scaling, _, _ = _branch_inputs(80, "core")
+    x = x.detach()
+    delta, _ = kernels.comol_branch_fused(x, lora_A, w, cores, lora_B, scaling, True)
+    delta.sum().backward()
+    assert x.grad is None and lora_A.grad is not None and w.grad is not None
+
+
 class _Proj(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -84,7 +147,11 @@ def _model(kernel: str, **options) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("options", [{}, {"core_router": False}, {"router_top_k": 2}, {"aux_loss_coef": 0.1}])
+LAYER_OPTIONS = [{}, {"core_router": False}, {"router_top_k": 2}, {"aux_loss_coef": 0.1},
+                 {"lora_dropout": 0.3}, {"lora_dropout": 0.3, "core_router": False}]  # fmt: skip
+
+
+@pytest.mark.parametrize("options", LAYER_OPTIONS)
 def test_layer_fused_equals_eager(options: dict) -> None:
     x = torch.randn(2, 5, 16, requires_grad=True)
     outs = []
@@ -93,6 +160,7 @@ def test_layer_fused_equals_eager(options: dict) -> None:
         seen = []
         for layer in comol.mixture.mixture_layers(model).values():
             layer.register_gate_hook(lambda *args, seen=seen: seen.append(args[2]))  # args[2]: probs
+        torch.manual_seed(1)  # the same dropout mask for both
         y = model(x)
         loss = y.square().sum()
         aux = comol.collect_aux_loss(model)

@@ -356,14 +356,35 @@ def test_gradient_checkpointing_gives_same_gradients(input_ids):
 
 
 @pytest.mark.slow
-def test_torch_compile(input_ids):
-    model = llama_comol()
+@pytest.mark.parametrize("core_router", [True, False])
+def test_torch_compile_fullgraph_training_and_cached_decoding(core_router, input_ids):
+    """No graph break (``fullgraph=True``) in a training step nor in cached decoding, same numbers as eager."""
+    config = CoMoLConfig(r=4, lora_alpha=8, num_experts=3, core_router=core_router, target_modules=TARGETS)
+    model = get_peft_model(tiny_model("llama"), config)
     randomize_adapter(model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_fn(ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, labels=ids).loss
+
+    expected_loss = loss_fn(input_ids)
+    expected_grads = torch.autograd.grad(expected_loss, params)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    loss = compiled(input_ids)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(loss, params), expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+    model.eval()
+    inner = model.base_model.model
     with torch.no_grad():
-        expected = model(input_ids).logits
-    compiled = torch.compile(model)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(input_ids).logits, expected, rtol=1e-4, atol=1e-4)
+        prefill = inner(input_ids=input_ids, use_cache=True)
+        expected = inner(input_ids=input_ids[:, -1:], past_key_values=prefill.past_key_values).logits
+        decode = torch.compile(inner, fullgraph=True, backend="aot_eager")
+        prefill = decode(input_ids=input_ids, use_cache=True)
+        step = decode(input_ids=input_ids[:, -1:], past_key_values=prefill.past_key_values, use_cache=True)
+    torch.testing.assert_close(step.logits, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_clear_errors():

@@ -34,7 +34,11 @@ class BenchConfig:
     smollm2_batch: int = 8
     smollm2_seq: int = 512
     decode_tokens: int = 32
-    decode_batches: list[int] = field(default_factory=lambda: [1, 32])
+    decode_batches: list[int] = field(default_factory=lambda: [1, 8, 32])
+    compiled_step: bool = (
+        True  # also time a torch.compile(fullgraph=True) training step of LoRA and CoMoL E=8
+    )
+    compiled_models: list[str] = field(default_factory=lambda: ["tiny-llama"])
     device: str = "auto"
     dtype: str = "auto"  # bfloat16 on CUDA, float32 on CPU
     threads: int | None = None
@@ -53,10 +57,10 @@ class BenchConfig:
             warmup=1,
             train_batch=4,
             train_seq=128,
-            smollm2_batch=1,
-            smollm2_seq=64,
+            smollm2_batch=4,
+            smollm2_seq=128,
             decode_tokens=8,
-            decode_batches=[1, 32],
+            decode_batches=[1, 8],
         )
         for key, value in overrides.items():
             setattr(base, key, value)

@@ -40,7 +40,7 @@ def tiny_llama(vocab_size: int = 1024) -> nn.Module:
 
 
 def model_variants(experts: list[int]) -> list[Variant]:
-    """Base, LoRA, CoMoL at the smallest, largest E (and 8), CoMoL w/o CR, the baselines at the smallest E."""
+    """Base, LoRA, CoMoL at the smallest, largest E (and 8), CoMoL w/o CR at E=8, baselines at the smallest E."""
     import comol
 
     available = set(comol.method_names())
@@ -51,6 +51,8 @@ def model_variants(experts: list[int]) -> list[Variant]:
     ]
     for num_experts in sorted({e_small, e_large, 8} if 8 in experts else {e_small, e_large}):
         variants.append(Variant(f"comol E={num_experts}", "comol", {"num_experts": num_experts}))
+    e_mid = 8 if 8 in experts else e_small
+    variants.append(Variant(f"comol w/o CR E={e_mid}", "comol", {"num_experts": e_mid, "core_router": False}))
     for name in ("molora", "hydralora"):
         if name in available:
             variants.append(Variant(f"{name} E={e_small}", name, {"num_experts": e_small}))
@@ -131,6 +133,38 @@ def time_training(
     return results
 
 
+def time_compiled_training(
+    cfg: BenchConfig, device: torch.device, models: dict[str, nn.Module], ids: torch.Tensor
+) -> dict[str, dict[str, Any]]:
+    """Per model: step time with the loss (forward and backward) compiled by ``torch.compile(fullgraph=True)``.
+
+    The first calls (compilation) are untimed warm-up; AdamW runs eagerly, as in the uncompiled step.
+    """
+    steps = {}
+    for label, model in models.items():
+        params = trainable(model)
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        model.train()
+
+        def loss_fn(ids: torch.Tensor, model: nn.Module = model) -> torch.Tensor:
+            return model(input_ids=ids, labels=ids).loss
+
+        compiled = torch.compile(loss_fn, fullgraph=True)
+
+        def train_step(compiled: Callable = compiled, optimizer: torch.optim.Optimizer = optimizer) -> None:
+            compiled(ids).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        steps[label] = train_step
+    times = interleaved_medians(steps, device, max(2, cfg.repeats // 2), 2)
+    return {
+        label: {**times[label], "tokens_per_s": ids.numel() / times[label]["median_s"], "saved_bytes": None,
+                "peak_bytes": None, "trainable_params": sum(p.numel() for p in trainable(models[label]))}
+        for label in models
+    }  # fmt: skip
+
+
 def time_decoding(
     cfg: BenchConfig, device: torch.device, models: dict[str, nn.Module], vocab: int, batch: int
 ) -> dict[str, float]:
@@ -186,6 +220,13 @@ def bench_model(
     for label, result in time_training(cfg, device, models, ids).items():
         rows.append({"model": name, "variant": label, "kind": "train", "batch": batch, "seq": seq, "r": r,
                      **result})  # fmt: skip
+    compiled = [label for label in ("lora", "comol E=8") if label in models]
+    if cfg.compiled_step and name in cfg.compiled_models and compiled:
+        torch._dynamo.reset()
+        chosen = {label: models[label] for label in compiled}
+        for label, result in time_compiled_training(cfg, device, chosen, ids).items():
+            rows.append({"model": name, "variant": label, "kind": "train-compiled", "batch": batch, "seq": seq,
+                         "r": r, **result})  # fmt: skip
     for decode_batch in cfg.decode_batches:
         for label, per_token in time_decoding(cfg, device, models, vocab, decode_batch).items():
             rows.append({"model": name, "variant": label, "kind": "decode", "batch": decode_batch,

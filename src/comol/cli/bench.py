@@ -32,6 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--warmup", type=int, help="untimed rounds first")
     parser.add_argument("--no-model", action="store_true", help="skip the model-level benchmarks")
     parser.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2-135M")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip the torch.compile training step (tiny model)"
+    )
     parser.add_argument("--train-batch", type=int)
     parser.add_argument("--train-seq", type=int)
     parser.add_argument("--decode-tokens", type=int)
@@ -79,7 +82,11 @@ def run(args: argparse.Namespace) -> int:
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     overrides.update(
-        device=args.device, dtype=args.dtype, model_level=not args.no_model, smollm2=not args.no_smollm2
+        device=args.device,
+        dtype=args.dtype,
+        model_level=not args.no_model,
+        smollm2=not args.no_smollm2,
+        compiled_step=not args.no_compile,
     )
     cfg = BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
     command = "comol " + shlex.join(sys.argv[sys.argv.index("bench") :] if "bench" in sys.argv else ["bench"])

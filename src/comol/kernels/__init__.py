@@ -15,7 +15,7 @@ weight ``[out, in]``; result ``(..., r)``.
 """
 
 from comol.kernels.eager import core_mix_eager, core_mix_stacked, routed_core_mix_eager
-from comol.kernels.fused import core_mix_fused, routed_core_mix_fused
+from comol.kernels.fused import comol_branch_fused, core_mix_fused, routed_core_mix_fused
 from comol.kernels.registry import (
     CoreMixImplementation,
     check_core_mix_name,
@@ -31,6 +31,7 @@ from comol.kernels.registry import (
 __all__ = [
     "CoreMixImplementation",
     "check_core_mix_name",
+    "comol_branch_fused",
     "core_mix",
     "core_mix_available",
     "core_mix_eager",

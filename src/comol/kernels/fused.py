@@ -25,7 +25,14 @@ from typing import Any
 
 import torch
 
-from comol.mixture.routing import softmax_f32
+from comol.mixture.routing import few_experts_on_cpu, softmax_f32
+
+SMALL_N = 64  # up to this many tokens (decoding), the merged-core order has the lower fixed cost
+
+
+def _merged_order(n: int, num_experts: int, r: int) -> bool:
+    """Whether :func:`_mix` merges cores per token (else it contracts the ``(N, E r)`` outer product)."""
+    return num_experts > r or n <= SMALL_N
 
 
 def _mix(z: torch.Tensor, gates: torch.Tensor, cores: torch.Tensor) -> torch.Tensor:
@@ -35,11 +42,11 @@ def _mix(z: torch.Tensor, gates: torch.Tensor, cores: torch.Tensor) -> torch.Ten
 
     - ``E <= r``: ``m = (g ⊗ z) C`` with ``C[(e, i), o] = M_e[o, i]``, one GEMM over ``K = E r``
       (temporary ``(N, E r)``);
-    - ``E > r``: each token's merged core ``g @ M`` ``(N, r, r)``, then a batched product with ``z``
-      (temporary ``(N, r^2)``, independent of ``E``).
+    - ``E > r``, or few tokens (decoding): each token's merged core ``g @ M`` ``(N, r, r)``, then a batched
+      product with ``z`` (temporary ``(N, r^2)``, independent of ``E``; no copy of the cores, fewer ops).
     """
     num_experts, r_out, r_in = cores.shape
-    if num_experts > r_in:
+    if _merged_order(z.shape[0], num_experts, r_in):
         merged = (gates @ cores.reshape(num_experts, r_out * r_in)).view(-1, r_out, r_in)  # (N, r, r)
         return torch.bmm(merged, z.unsqueeze(2)).squeeze(2)
     outer = (gates.unsqueeze(2) * z.unsqueeze(1)).reshape(z.shape[0], num_experts * r_in)  # (N, E*r_in)
@@ -52,21 +59,28 @@ def _mix_backward(
     """Gradients of ``_mix`` w.r.t. ``z (N, r)``, ``gates (N, E)``, ``cores (E, r, r)``."""
     num_experts, r_out, r_in = cores.shape
     n = z.shape[0]
-    if num_experts > r_in:  # the merged-core order, recomputed
+    if _merged_order(n, num_experts, r_in):  # the merged-core order, recomputed
         flat_cores = cores.reshape(num_experts, r_out * r_in)  # (E, r*r)
         merged = (gates @ flat_cores).view(n, r_out, r_in)  # (N, r, r)
-        grad_z = torch.bmm(merged.transpose(1, 2), grad_m.unsqueeze(2)).squeeze(2)  # (N, r_in)
+        grad_z = (merged * grad_m.unsqueeze(2)).sum(1)  # (N, r_in): merged^T dm (faster than a tiny bmm)
         grad_merged = (grad_m.unsqueeze(2) * z.unsqueeze(1)).reshape(n, r_out * r_in)  # (N, r*r)
         grad_gates = grad_merged @ flat_cores.t()  # (N, E)
         grad_cores = (gates.t() @ grad_merged).view(num_experts, r_out, r_in)  # (E, r_out, r_in)
         return grad_z, grad_gates, grad_cores
     # (N, E, r_in): M_e^T dm per expert, one matmul over the stacked cores
     back = (grad_m @ cores.permute(1, 0, 2).reshape(r_out, num_experts * r_in)).view(n, num_experts, r_in)
-    grad_z = torch.bmm(gates.unsqueeze(1), back).squeeze(1)  # (N, r_in)
-    grad_gates = torch.bmm(back, z.unsqueeze(2)).squeeze(2)  # (N, E)
+    grad_z = (gates.unsqueeze(2) * back).sum(1)  # (N, r_in); products and sums beat N tiny bmm's on CPU
+    grad_gates = (back * z.unsqueeze(1)).sum(2)  # (N, E)
     weighted = (gates.unsqueeze(2) * grad_m.unsqueeze(1)).reshape(n, num_experts * r_out)  # (N, E*r_out)
     grad_cores = (weighted.t() @ z).view(num_experts, r_out, r_in)  # (E, r_out, r_in)
     return grad_z, grad_gates, grad_cores
+
+
+def _softmax_backward(grad_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """``dL/dlogits = probs * (dL/dprobs - <dL/dprobs, probs>)`` for ``probs = softmax_f32(logits)`` ``(N, E)``."""
+    if few_experts_on_cpu(probs):  # over the leading dimension, as softmax_f32 computed it
+        return torch._softmax_backward_data(grad_probs.t(), probs.t(), 0, probs.dtype).t()
+    return torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -102,16 +116,18 @@ def core_mix_fused(z: torch.Tensor, gates: torch.Tensor, cores: torch.Tensor) ->
 class _RoutedCoreMix(torch.autograd.Function):
     """Router logits, float32 softmax and core mixing in one node.
 
-    Saves ``z``, the router input ``u`` (the same tensor as ``z`` for core-space routing, or the layer input
-    ``x`` that the A projection saves anyway), the router weight and the cores. Probabilities and expert
-    outputs are recomputed in backward.
+    ``router_input`` is None for core-space routing (the router reads ``z``; passing ``z`` twice would be a
+    duplicate input, which ``torch.compile`` refuses), else the layer input ``x`` that the A projection
+    saves anyway. Saves ``z``, ``x``, the router weight and the cores; probabilities and expert outputs are
+    recomputed in backward.
     """
 
     @staticmethod
     def forward(
-        z: torch.Tensor, router_input: torch.Tensor, router_weight: torch.Tensor, cores: torch.Tensor
+        z: torch.Tensor, router_input: torch.Tensor | None, router_weight: torch.Tensor, cores: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        zf, uf = _flat(z), _flat(router_input)
+        zf = _flat(z)
+        uf = zf if router_input is None else _flat(router_input)
         probs = softmax_f32(uf @ router_weight.t())  # (N, E) float32
         mixed = _mix(zf, probs.to(z.dtype), cores)  # (N, r)
         lead = z.shape[:-1]
@@ -126,20 +142,20 @@ class _RoutedCoreMix(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad_m: torch.Tensor, _grad_probs: torch.Tensor | None
-    ) -> tuple[torch.Tensor, ...]:
+    ) -> tuple[torch.Tensor | None, ...]:
         z, router_input, router_weight, cores = ctx.saved_tensors
-        zf, uf = _flat(z), _flat(router_input)
+        zf = _flat(z)
+        uf = zf if router_input is None else _flat(router_input)
         logits = uf @ router_weight.t()  # (N, E), recomputed
         probs = softmax_f32(logits)  # (N, E) float32
         grad_z, grad_gates, grad_cores = _mix_backward(
             zf, probs.to(z.dtype), cores, _flat(grad_m).to(z.dtype)
         )
-        grad_gates = grad_gates.to(probs.dtype)
-        grad_logits = probs * (grad_gates - (grad_gates * probs).sum(-1, keepdim=True))  # (N, E) float32
-        grad_logits = grad_logits.to(logits.dtype)
-        grad_u = grad_logits @ router_weight  # (N, k)
+        grad_logits = _softmax_backward(grad_gates.to(probs.dtype), probs).to(logits.dtype)  # (N, E)
         grad_w = grad_logits.t() @ uf  # (E, k)
-        # When router_input is z, autograd adds grad_u to grad_z itself.
+        if router_input is None:  # the router's input is z: both gradients meet there
+            return torch.addmm(grad_z, grad_logits, router_weight).view_as(z), None, grad_w, grad_cores
+        grad_u = grad_logits @ router_weight  # (N, k)
         return grad_z.view_as(z), grad_u.view_as(router_input), grad_w, grad_cores
 
 
@@ -157,9 +173,154 @@ def routed_core_mix_fused(
     Returns:
         ``mixed (..., r)`` and the router ``probs (..., E)`` in float32 (detached, for statistics).
     """
+    u = None if router_input is z else router_input
     if not torch.is_grad_enabled() or not any(
         t.requires_grad for t in (z, router_input, router_weight, cores)
     ):  # inference: same maths, no autograd node
         with torch.no_grad():
-            return _RoutedCoreMix.forward(z, router_input, router_weight, cores)
-    return _RoutedCoreMix.apply(z, router_input, router_weight, cores)
+            return _RoutedCoreMix.forward(z, u, router_weight, cores)
+    return _RoutedCoreMix.apply(z, u, router_weight, cores)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The whole adapter branch
+# --------------------------------------------------------------------------------------------------------
+def _branch_forward(
+    x: torch.Tensor,
+    router_x: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    router_weight: torch.Tensor,
+    cores: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    core_router: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Flat inputs ``(N, d_in)``; returns ``delta (N, d_out)``, ``probs (N, E)`` float32 and what backward keeps:
+    ``z (N, r)`` and, for input routing, the logits (``[z, logits] (N, r + E)`` as one tensor when both come
+    from one matmul, else ``z`` and ``logits (N, E)``)."""
+    r = lora_A.shape[0]
+    keep: tuple[torch.Tensor, torch.Tensor | None]
+    if core_router:
+        z = x @ lora_A.t()  # (N, r)
+        logits = z @ router_weight.t()  # (N, E), recomputed in backward
+        keep = (z, None)
+    elif router_x is None:  # input routing on the same x: A and the router in one matmul
+        z_logits = x @ torch.cat([lora_A, router_weight]).t()  # (N, r + E)
+        z, logits = z_logits[:, :r], z_logits[:, r:]
+        keep = (z_logits, None)
+    else:  # input routing on x before dropout, A on the dropped-out x
+        z = x @ lora_A.t()
+        logits = router_x @ router_weight.t()
+        keep = (z, logits)
+    probs = softmax_f32(logits)  # (N, E) float32
+    mixed = _mix(z, probs.to(z.dtype), cores)  # (N, r), a fresh tensor
+    delta = mixed.mul_(scaling) @ lora_B.t()  # (N, d_out): scaling applied on the small side
+    return delta, probs, *keep
+
+
+class _CoMoLBranch(torch.autograd.Function):
+    """``delta = s B (sum_e g_e M_e) A x`` with ``g = softmax_f32(W_g u)``, ``u = A x`` or ``x``: one node.
+
+    Saves what LoRA saves (``x`` and ``z = A x``; for input routing ``[z, logits]`` and, with dropout, the
+    router's input), recomputes probabilities and the mixture in backward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        router_x: torch.Tensor | None,
+        lora_A: torch.Tensor,
+        router_weight: torch.Tensor,
+        cores: torch.Tensor,
+        lora_B: torch.Tensor,
+        scaling: float,
+        core_router: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        delta, probs, kept, logits = _branch_forward(
+            x, router_x, lora_A, router_weight, cores, lora_B, scaling, core_router
+        )
+        ctx.scaling, ctx.core_router, ctx.has_router_x = scaling, core_router, router_x is not None
+        # Core routing recomputes the (N, E) logits from z; input routing keeps them (they cost a d_in matmul).
+        ctx.save_for_backward(x, router_x, kept, logits, lora_A, router_weight, cores, lora_B)
+        ctx.mark_non_differentiable(probs)
+        return delta, probs
+
+    @staticmethod
+    def backward(ctx: Any, grad_delta: torch.Tensor, _grad_probs: torch.Tensor | None) -> tuple[Any, ...]:
+        x, router_x, kept, logits, lora_A, router_weight, cores, lora_B = ctx.saved_tensors
+        s, r = ctx.scaling, lora_A.shape[0]
+        if ctx.core_router:
+            z = kept
+            logits = z @ router_weight.t()  # (N, E), recomputed
+        elif logits is None:
+            z, logits = kept[:, :r], kept[:, r:]
+        else:
+            z = kept
+        probs = softmax_f32(logits)  # (N, E) float32
+        gates = probs.to(z.dtype)
+        grad_delta = grad_delta.to(z.dtype)
+        mixed = _mix(z, gates, cores)  # (N, r), recomputed
+        grad_B = (grad_delta.t() @ mixed).mul_(s)  # (d_out, r)
+        grad_mixed = (grad_delta @ lora_B).mul_(s)  # (N, r)
+        grad_z, grad_gates, grad_cores = _mix_backward(z, gates, cores, grad_mixed)
+        grad_logits = _softmax_backward(grad_gates.to(probs.dtype), probs)
+        grad_logits = grad_logits.to(logits.dtype)  # (N, E)
+        grad_x = grad_router_x = None
+        if ctx.core_router:
+            grad_w = grad_logits.t() @ z  # (E, r)
+            grad_z = torch.addmm(grad_z, grad_logits, router_weight)  # (N, r): mixing + routing
+            grad_A = grad_z.t() @ x  # (r, d_in)
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_z @ lora_A
+        elif not ctx.has_router_x:
+            grad_z_logits = torch.cat([grad_z, grad_logits], dim=1)  # (N, r + E)
+            grad_a_w = grad_z_logits.t() @ x  # (r + E, d_in)
+            grad_A, grad_w = grad_a_w[:r], grad_a_w[r:]
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_z_logits @ torch.cat([lora_A, router_weight])
+        else:
+            grad_A, grad_w = grad_z.t() @ x, grad_logits.t() @ router_x
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_z @ lora_A
+            if ctx.needs_input_grad[1]:
+                grad_router_x = grad_logits @ router_weight
+        return grad_x, grad_router_x, grad_A, grad_w, grad_cores, grad_B, None, None
+
+
+def comol_branch_fused(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    router_weight: torch.Tensor,
+    cores: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    core_router: bool,
+    router_x: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CoMoL's whole adapter branch (A, router, float32 softmax, mixing, B, scaling) as one autograd node.
+
+    Args:
+        x: ``(..., d_in)`` input of ``A`` (after dropout).
+        lora_A: ``(r, d_in)``.
+        router_weight: ``(E, r)`` for core-space routing, ``(E, d_in)`` for input routing.
+        cores: ``(E, r, r)``.
+        lora_B: ``(d_out, r)``.
+        scaling: ``alpha / r``.
+        core_router: route on ``z = A x`` (True) or on the input (False).
+        router_x: ``(..., d_in)``: the router's input where it differs from ``x`` (input routing with
+            dropout: ``x`` before dropout); None otherwise.
+
+    Returns:
+        ``delta (..., d_out)`` in ``x``'s dtype and the router ``probs (..., E)`` float32 (detached).
+    """
+    lead = x.shape[:-1]
+    xf = _flat(x)
+    ru = None if router_x is None else _flat(router_x)
+    args = (xf, ru, lora_A, router_weight, cores, lora_B, scaling, core_router)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6]):
+        delta, probs = _CoMoLBranch.apply(*args)
+    else:  # inference: same maths, no autograd node
+        with torch.no_grad():
+            delta, probs = _branch_forward(*args)[:2]
+    return delta.view(*lead, lora_B.shape[0]), probs.view(*lead, cores.shape[0])

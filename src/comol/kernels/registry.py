@@ -10,7 +10,10 @@ An implementation provides
 - ``core_mix(z, gates, cores) -> mixed``: the mixture with precomputed gates (top-k routing, or when
   the probabilities' graph is needed for a balancing loss);
 - optionally ``routed(z, router_input, router_weight, cores) -> (mixed, probs)``: router logits, float32
-  softmax and mixing as one operation. Without it, routing is done eagerly and ``core_mix`` mixes.
+  softmax and mixing as one operation. Without it, routing is done eagerly and ``core_mix`` mixes;
+- optionally ``branch(x, lora_A, router_weight, cores, lora_B, scaling, core_router, router_x=None) ->
+  (delta, probs)``: CoMoL's whole adapter branch ``s B (sum_e g_e M_e) A x`` as one operation (see
+  :func:`comol.kernels.fused.comol_branch_fused`). Without it, the layer calls ``A``, ``routed``, ``B``.
 
 Shapes: ``z (..., r)``, ``gates (..., E)``, ``cores (E, r, r)`` (``cores[e]`` laid out ``[out, in]``),
 ``router_input (..., k)``, ``router_weight (E, k)``; ``mixed (..., r)``, ``probs (..., E)`` float32.
@@ -18,19 +21,21 @@ Shapes: ``z (..., r)``, ``gates (..., E)``, ``cores (E, r, r)`` (``cores[e]`` la
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from comol.kernels.eager import core_mix_eager, core_mix_stacked
-from comol.kernels.fused import core_mix_fused, routed_core_mix_fused
+from comol.kernels.fused import comol_branch_fused, core_mix_fused, routed_core_mix_fused
 from comol.mixture import routing
 
 CoreMixFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 RoutedCoreMixFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
 ]
+BranchFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def _everywhere(z: torch.Tensor) -> bool:
@@ -45,6 +50,7 @@ class CoreMixImplementation:
         name: the registered name.
         core_mix: ``(z, gates, cores) -> mixed``.
         routed: ``(z, router_input, router_weight, cores) -> (mixed, probs)``, or None to route eagerly.
+        branch: the whole adapter branch ``x -> (delta, probs)``, or None.
         available: ``available(z)``: whether it can run on ``z``'s device and dtype.
         priority: ``"auto"`` takes the available implementation with the highest priority.
     """
@@ -52,6 +58,7 @@ class CoreMixImplementation:
     name: str
     core_mix: CoreMixFn
     routed: RoutedCoreMixFn | None = None
+    branch: BranchFn | None = None
     available: Callable[[torch.Tensor], bool] = _everywhere
     priority: int = 0
 
@@ -72,13 +79,16 @@ def register_core_mix(
     name: str,
     core_mix: CoreMixFn,
     routed: RoutedCoreMixFn | None = None,
+    branch: BranchFn | None = None,
     available: Callable[[torch.Tensor], bool] | None = None,
     priority: int = 0,
 ) -> None:
     """Add (or replace) implementation ``name``; see :class:`CoreMixImplementation` for the arguments."""
     if name == "auto":
         raise ValueError("'auto' is reserved: it means the best available implementation.")
-    _REGISTRY[name] = CoreMixImplementation(name, core_mix, routed, available or _everywhere, priority)
+    _REGISTRY[name] = CoreMixImplementation(
+        name, core_mix, routed, branch, available or _everywhere, priority
+    )
 
 
 def core_mix_names() -> list[str]:
@@ -99,8 +109,12 @@ def check_core_mix_name(name: str) -> None:
 
 def get_core_mix(name: str, z: torch.Tensor) -> CoreMixImplementation:
     """The implementation that ``name`` means for input ``z`` (resolves ``"auto"``)."""
-    if name == "auto":
-        return max((impl for impl in _REGISTRY.values() if impl.available(z)), key=lambda i: i.priority)
+    if name == "auto":  # a plain loop, so that torch.compile traces the resolution without a graph break
+        best = _REGISTRY["eager"]
+        for impl in _REGISTRY.values():
+            if impl.priority > best.priority and impl.available(z):
+                best = impl
+        return best
     check_core_mix_name(name)
     impl = _REGISTRY[name]
     if not impl.available(z):
@@ -155,18 +169,20 @@ def routed_core_mix(
 
 register_core_mix("eager", core_mix_eager, priority=0)
 register_core_mix("stacked", core_mix_stacked, priority=-10)  # benchmarks only: never chosen by "auto"
-register_core_mix("fused", core_mix_fused, routed=routed_core_mix_fused, priority=10)
+register_core_mix(
+    "fused", core_mix_fused, routed=routed_core_mix_fused, branch=comol_branch_fused, priority=10
+)
 
 
 # --- Triton (CUDA) --------------------------------------------------------------------------------------
-# The kernels live in comol.kernels.triton_core_mix and are imported on first use only. Given precomputed
-# gates, the Triton implementation uses the fused PyTorch mixing.
-def _triton_available(z: torch.Tensor) -> bool:
-    if not z.is_cuda:
-        return False
-    from comol.kernels import triton_core_mix
+# The kernels live in comol.kernels.triton_core_mix and are imported on first use only (availability is
+# decided without importing them, so that torch.compile can trace it). Given precomputed gates, the Triton
+# implementation uses the fused PyTorch mixing.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
-    return triton_core_mix.triton_importable()
+
+def _triton_available(z: torch.Tensor) -> bool:
+    return z.is_cuda and _TRITON_INSTALLED
 
 
 def _routed_core_mix_triton(

@@ -108,23 +108,43 @@ class CoMoLLayer(MixtureLayer):
 
     def adapter_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """``(..., d_in) -> (..., d_out)``: ``(alpha/r) B (sum_e g_e M_e) A dropout(x)``."""
-        z = self.comol_A[adapter_name](self.adapter_dropout[adapter_name](x))  # (..., r)
-        impl: kernels.CoreMixImplementation = self.implementation_for(z)
+        impl: kernels.CoreMixImplementation = self.implementation_for(x)
         config: CoMoLConfig = self.adapter_config[adapter_name]
-        router = self.comol_router[adapter_name]
-        if (
+        lora_A, router = self.comol_A[adapter_name], self.comol_router[adapter_name]
+        cores = self.comol_cores[adapter_name]
+        fast = (
             impl.routed is not None
             and config.router_top_k is None
             and _plain_weight(router)
             and not (config.aux_loss_coef > 0 and self.training)  # the balancing loss needs probs' graph
-        ):  # fast path: router, float32 softmax and mixing in one kernel
+        )
+        dropout = self.adapter_dropout[adapter_name]
+        x_in = x if isinstance(dropout, nn.Identity) else dropout(x)  # (..., d_in)
+        if (
+            fast
+            and impl.branch is not None
+            and _plain_weight(lora_A)
+            and _plain_weight(self.comol_B[adapter_name])
+        ):
+            # the whole branch (A, router, softmax, mixing, B, scaling) in one operation
+            delta, probs = impl.branch(
+                x_in, lora_A.weight, router.weight, cores, self.comol_B[adapter_name].weight,
+                self.scaling[adapter_name], config.core_router,
+                router_x=None if config.core_router or x_in is x else x,
+            )  # fmt: skip
+            if self._gate_hooks:
+                self.observe_routing(adapter_name, probs, probs)
+            return delta
+        z = lora_A(x_in)  # (..., r)
+        if fast:  # router, float32 softmax and mixing in one kernel
             mixed, probs = impl.routed(
-                z, z if config.core_router else x, router.weight, self.comol_cores[adapter_name]
+                z, z if config.core_router else x, router.weight, cores
             )  # (..., r), (..., E)
-            self.observe_routing(adapter_name, probs, probs)
+            if self._gate_hooks:
+                self.observe_routing(adapter_name, probs, probs)
         else:
             gates = self.route(adapter_name, x, z)  # (..., E)
-            mixed = impl.core_mix(z, gates, self.comol_cores[adapter_name])  # (..., r)
+            mixed = impl.core_mix(z, gates, cores)  # (..., r)
         return self.comol_B[adapter_name](mixed) * self.scaling[adapter_name]
 
     def fixed_gate_lora(

@@ -22,7 +22,20 @@ def softmax_f32(logits: torch.Tensor) -> torch.Tensor:
     Returns:
         probs ``(..., E)`` in float32 (float64 for float64 logits), summing to 1 over ``E``.
     """
-    return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if few_experts_on_cpu(logits):  # same maths, reduced along a leading dimension (see below)
+        return torch.softmax(logits.movedim(-1, 0), dim=0).movedim(0, -1)
+    return torch.softmax(logits, dim=-1)
+
+
+def few_experts_on_cpu(logits: torch.Tensor) -> bool:
+    """Whether to take the softmax of ``logits (..., E)`` over a leading dimension (the result is a view).
+
+    PyTorch's CPU softmax vectorises along the reduced dimension: with fewer experts than a vector register
+    holds, it is several times slower over the last dimension of ``(N, E)`` than over the first dimension of
+    its transpose.
+    """
+    return logits.device.type == "cpu" and logits.dim() > 1 and logits.shape[-1] < 16
 
 
 def top_k_gates(probs: torch.Tensor, k: int, renormalize: bool = True) -> torch.Tensor:
