@@ -239,7 +239,9 @@ def test_layer_passes_these_dtypes() -> None:
             seen.add(tuple(TL[t.dtype] for t in (z, router_input, router_weight, cores)))
             return impl.routed(z, router_input, router_weight, cores)
 
-        return dataclasses.replace(impl, routed=record)
+        # As the Triton implementation is registered: a routed kernel and no whole-branch function, so the
+        # layer computes z = A x and hands (z, router input, router weight, cores) to it.
+        return dataclasses.replace(impl, routed=record, branch=None)
 
     expected = {
         tuple(TL[d] for d in dtypes) for name, dtypes in DTYPES.items() if name != "bf16" and name != "fp16"

@@ -21,6 +21,9 @@ Maths (per token; ``M_e = cores[e]`` laid out ``[out, in]``, ``dm = dL/dm``)::
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -87,6 +90,34 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _autocast_of(t: torch.Tensor) -> tuple[str, torch.dtype] | None:
+    """The autocast state in force for ``t``'s device (called in forward), or None when autocast is off."""
+    device_type = t.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return device_type, torch.get_autocast_dtype(device_type)
+
+
+def _replay_autocast(state: tuple[str, torch.dtype] | None) -> contextlib.AbstractContextManager:
+    """Backward runs outside autocast; re-enter the forward's state so that its matmuls see the same operand
+    dtypes (e.g. bf16 activations with fp32 adapter weights, as ``Trainer(bf16=True)`` hands them). The
+    autograd engine casts each returned gradient to its input's dtype."""
+    if state is None:
+        return contextlib.nullcontext()
+    return torch.autocast(state[0], dtype=state[1])
+
+
+def _with_forward_autocast(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """Run an ``autograd.Function.backward`` under the autocast state its forward recorded in ``ctx.autocast``."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx: Any, *grads: Any) -> Any:
+        with _replay_autocast(ctx.autocast):
+            return backward(ctx, *grads)
+
+    return wrapped
+
+
 class _CoreMix(torch.autograd.Function):
     """``m = sum_e g_e M_e z``, saving only ``z``, ``gates`` and ``cores`` (no ``(N, E, r)`` tensor)."""
 
@@ -98,8 +129,10 @@ class _CoreMix(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         z, gates, cores = inputs
         ctx.save_for_backward(z, gates, cores)
+        ctx.autocast = _autocast_of(z)
 
     @staticmethod
+    @_with_forward_autocast
     def backward(ctx: Any, grad_m: torch.Tensor) -> tuple[torch.Tensor, ...]:
         z, gates, cores = ctx.saved_tensors
         grad_z, grad_gates, grad_cores = _mix_backward(
@@ -138,8 +171,10 @@ class _RoutedCoreMix(torch.autograd.Function):
         z, router_input, router_weight, cores = inputs
         ctx.save_for_backward(z, router_input, router_weight, cores)
         ctx.mark_non_differentiable(output[1])
+        ctx.autocast = _autocast_of(z)
 
     @staticmethod
+    @_with_forward_autocast
     def backward(
         ctx: Any, grad_m: torch.Tensor, _grad_probs: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
@@ -241,12 +276,14 @@ class _CoMoLBranch(torch.autograd.Function):
             x, router_x, lora_A, router_weight, cores, lora_B, scaling, core_router
         )
         ctx.scaling, ctx.core_router, ctx.has_router_x = scaling, core_router, router_x is not None
+        ctx.autocast = _autocast_of(x)
         # Core routing recomputes the (N, E) logits from z; input routing keeps them (they cost a d_in matmul).
         ctx.save_for_backward(x, router_x, kept, logits, lora_A, router_weight, cores, lora_B)
         ctx.mark_non_differentiable(probs)
         return delta, probs
 
     @staticmethod
+    @_with_forward_autocast
     def backward(ctx: Any, grad_delta: torch.Tensor, _grad_probs: torch.Tensor | None) -> tuple[Any, ...]:
         x, router_x, kept, logits, lora_A, router_weight, cores, lora_B = ctx.saved_tensors
         s, r = ctx.scaling, lora_A.shape[0]
