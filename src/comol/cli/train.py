@@ -57,6 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     from comol.training.config import load_config
     from comol.training.run import prepare_data, train
+    from comol.training.trainer import DIVERGED_EXIT_CODE, TrainingDivergedError
 
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path:  # only overrides were given
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(config_path, overrides)
         config.validate_method()
+        config.train.check_output_dir()
         if args.dry_run:
             records = prepare_data(config)
             print(config.to_yaml(), end="")
@@ -73,5 +75,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         logger.error("%s", err)
         return 2
+    except TrainingDivergedError as err:
+        logger.error("%s", err)
+        return DIVERGED_EXIT_CODE
     logger.info("Done. Adapter: %s; metrics: %s", result.adapter_dir, result.output_dir / "metrics.json")
     return 0
