@@ -1,22 +1,28 @@
 """Running untrusted, model-written Python programs in isolation.
 
-Each program runs in its own subprocess, in a fresh temporary directory, under these protections
-(the ones that apply on the machine are detected at run time and listed by :attr:`Sandbox.protection`):
+Each program runs in its own subprocess under layers of protection. Which layers work on the machine is
+probed once, when the :class:`Sandbox` is made; :attr:`Sandbox.protection` reports, layer by layer, what
+is in force, and nothing else is claimed. Policy (``isolation``): ``"auto"`` applies every layer that
+works and logs a warning naming each one that does not; ``"strict"`` refuses (:class:`SandboxError`)
+unless every layer works; ``"none"`` uses no namespaces (hence no private mounts) but keeps the rest.
+A run whose setup fails after probing raises :class:`SandboxError`; it is never scored as a failure.
 
-* **Resource limits** (always): wall-clock timeout, and ``setrlimit`` limits on CPU time, address space
-  (memory), file size, open files and core dumps, set inside the child before the program runs.
-* **Clean environment** (always): the child gets only ``PATH``, ``HOME``/``TMPDIR`` (its own directory)
-  and a locale; no tokens or keys of the evaluator's environment. Python runs in isolated mode (``-I``).
-* **Unprivileged user** (when the evaluator runs as root): the program runs as a dedicated uid/gid with
-  no supplementary groups (one uid per worker slot), so it cannot write or delete files it does not own,
-  cannot read the evaluator's ``/proc/<pid>/environ`` or signal its processes, and ``RLIMIT_NPROC``
-  bounds the number of its processes (root is exempt from that limit, hence the drop).
-* **Namespaces** (when ``unshare`` from util-linux works): new network namespace (no interface but a
-  down loopback: every connection fails), PID namespace (the program cannot see or signal host
-  processes; when the namespace's first process dies the kernel kills every process in it), IPC and
-  UTS namespaces, and a private ``/proc``.
-* **Whole-tree kill**: the child starts a new session; on timeout the session is killed, the PID
-  namespace (if any) takes its processes down, and every leftover process of the slot's uid is killed.
+Layers (see :mod:`comol.evaluation.sandbox_child` for how each is set up):
+
+* ``limits`` (always): wall-clock timeout; ``setrlimit`` on CPU time, address space, file size, open
+  files, core dumps (and processes, when the uid is dropped). Clean environment, Python in isolated mode.
+* ``unprivileged_uid`` (as root): a dedicated uid/gid per worker slot, no supplementary groups; without
+  it every capability is dropped (root of a user namespace). Always no_new_privs and a parent-death signal.
+* ``namespaces`` (when util-linux ``unshare`` works): network (no interface but a down loopback, so no IP
+  traffic and no abstract unix socket of the host), PID (host processes invisible; when its first process
+  dies the kernel kills the rest), IPC, UTS, mount, and a private ``/proc``.
+* ``private_tmp``: fresh size-limited tmpfs on ``/tmp``, ``/var/tmp``, ``/dev/shm`` and ``/run`` (host
+  unix sockets there are out of sight; the work directory is ``/tmp/work``); all vanish with the run.
+* ``read_only_root``: the rest of the file system is read-only (and nosuid).
+* ``unix_socket_filter``: a seccomp filter refuses ``socket(AF_UNIX)`` and io_uring, so no unix socket of
+  the host can be reached wherever it lives.
+* ``watchdog``: a separate process; if the evaluator dies (even by SIGKILL) it kills every launched
+  process group and every process of the sandbox uids, and removes the temporary directory.
 
 A run counts as passed only if the program exits with status 0 *and* the harness prints its completion
 marker after the program has run to the end, so ``sys.exit(0)`` or ``os._exit(0)`` half-way fails.
@@ -25,6 +31,7 @@ marker after the program has run to the end, so ``sys.exit(0)`` or ``os._exit(0)
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -34,7 +41,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,42 +48,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from comol.evaluation import sandbox_child
+from comol.evaluation.sandbox_child import WORK_DIR, kill_uid, read_status, remove_files_of
+
 logger = logging.getLogger(__name__)
 
 Status = Literal["passed", "failed", "timeout"]
 
 _MARKER_PREFIX = "__comol_sandbox_done__"
+_CHILD_SOURCE = Path(sandbox_child.__file__).read_text(encoding="utf-8")
+LAYERS = ("unprivileged_uid", "namespaces", "private_tmp", "read_only_root", "unix_socket_filter")
 
-# Runs inside the sandboxed interpreter: set the limits, read the program from stdin, run it as
-# ``__main__`` and print the completion marker only if it ran to the end. argv: cpu_s, as_bytes,
-# fsize_bytes, nproc, nofile. The marker is the first stdin line.
-_BOOTSTRAP = """
-import resource, sys
-def _limit(which, value):
-    if value >= 0:
-        resource.setrlimit(which, (value, value))
-_cpu, _mem, _fsize, _nproc, _nofile = (int(v) for v in sys.argv[1:6])
-_limit(resource.RLIMIT_CORE, 0)
-_limit(resource.RLIMIT_CPU, _cpu)
-_limit(resource.RLIMIT_AS, _mem)
-_limit(resource.RLIMIT_FSIZE, _fsize)
-_limit(resource.RLIMIT_NPROC, _nproc)
-_limit(resource.RLIMIT_NOFILE, _nofile)
-_marker = sys.stdin.readline().strip()
-_source = sys.stdin.read()
-sys.stdin.close()
-sys.argv = ["program.py"]
-_globals = {"__name__": "__main__", "__builtins__": __builtins__}
-del _limit, _cpu, _mem, _fsize, _nproc, _nofile
-try:
-    exec(compile(_source, "program.py", "exec"), _globals)
-except SystemExit as _exit:
-    print("program called exit(%r)" % (_exit.code,), file=sys.stderr)
-    sys.exit(1)
-sys.stdout.flush()
-sys.stdout.write("\\n" + _marker + "\\n")
-sys.stdout.flush()
-"""
+
+class SandboxError(RuntimeError):
+    """The sandbox cannot run programs with the protection it promised (or was required to have)."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +77,7 @@ class SandboxLimits:
             or, without root, counted against the evaluator's own user).
         max_open_files: open file descriptors per process (``RLIMIT_NOFILE``).
         output_bytes: how much of the end of stdout/stderr is kept in the result.
+        scratch_bytes: size of each private tmpfs (``/tmp``, ``/var/tmp``, ``/dev/shm``, ``/run``).
     """
 
     timeout_s: float = 10.0
@@ -102,13 +87,16 @@ class SandboxLimits:
     max_processes: int = 64
     max_open_files: int = 256
     output_bytes: int = 8 << 10
+    scratch_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.cpu_s <= 0:
             raise ValueError("timeout_s and cpu_s must be positive.")
-        if min(self.memory_bytes, self.file_size_bytes, self.max_processes, self.max_open_files) <= 0:
+        sizes = (self.memory_bytes, self.file_size_bytes, self.max_processes, self.max_open_files)
+        if min(*sizes, self.scratch_bytes) <= 0:
             raise ValueError(
-                "memory_bytes, file_size_bytes, max_processes and max_open_files must be positive."
+                "memory_bytes, file_size_bytes, max_processes, max_open_files and scratch_bytes must be "
+                "positive."
             )
 
 
@@ -140,20 +128,10 @@ class _Plan:
     """How programs are launched on this machine (decided once by probing)."""
 
     python: str
-    drop_uid: bool
-    namespaces: bool
     unshare: str | None
+    setpriv: str | None
+    layers: dict[str, bool]
     notes: list[str] = field(default_factory=list)
-
-
-def _run_quiet(cmd: Sequence[str], **kwargs: object) -> bool:
-    try:
-        done = subprocess.run(
-            cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=20, env=_base_env("/"), **kwargs
-        )
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return False
-    return done.returncode == 0
 
 
 def _base_env(home: str) -> dict[str, str]:
@@ -167,7 +145,7 @@ def _base_env(home: str) -> dict[str, str]:
 
 
 def _unshare_flags(root: bool) -> list[str]:
-    flags = ["--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc"]
+    flags = ["--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc"]
     if not root:
         flags += ["--user", "--map-root-user"]
     return flags
@@ -181,9 +159,12 @@ class Sandbox:
         workers: programs run concurrently (bounded thread pool; each has its own uid when dropping root).
         python: interpreter for the programs; by default the first of the current interpreter,
             ``/usr/bin/python3`` and ``python3`` on ``PATH`` that the sandbox user can execute.
-        isolation: ``"auto"`` uses namespaces when they work; ``"none"`` never uses them.
+        isolation: ``"auto"``, ``"strict"`` or ``"none"`` (the policy of the module docstring).
         uid_base: first uid of the worker slots when running as root (slot ``i`` runs as ``uid_base + i``,
             gid likewise). Pick a range that no real user owns.
+
+    Raises:
+        SandboxError: with ``isolation="strict"``, when a layer is not available.
     """
 
     def __init__(
@@ -191,19 +172,26 @@ class Sandbox:
         limits: SandboxLimits | None = None,
         workers: int | None = None,
         python: str | None = None,
-        isolation: Literal["auto", "none"] = "auto",
+        isolation: Literal["auto", "strict", "none"] = "auto",
         uid_base: int = 64000,
     ) -> None:
+        if isolation not in ("auto", "strict", "none"):
+            raise ValueError(f"isolation must be 'auto', 'strict' or 'none', got {isolation!r}.")
         self.limits = limits or SandboxLimits()
         self.workers = max(1, workers or min(8, os.cpu_count() or 1))
         self.uid_base = uid_base
-        self._plan = self._probe(python, isolation)
         self._slots: queue.Queue[int] = queue.Queue()
         for slot in range(self.workers):
             self._slots.put(slot)
         self._host_root = Path(tempfile.mkdtemp(prefix="comol-sandbox-"))
         os.chmod(self._host_root, 0o711)
-        self._lock = threading.Lock()
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        try:
+            self._plan = self._probe(python, isolation)
+            self._start_watchdog()
+        except BaseException:
+            self.close()
+            raise
 
     # ----------------------------------------------------------------------------------- probing
 
@@ -211,71 +199,111 @@ class Sandbox:
         root = os.geteuid() == 0
         candidates = [python] if python else [sys.executable, "/usr/bin/python3", shutil.which("python3")]
         candidates = [c for c in dict.fromkeys(candidates) if c]
-        notes: list[str] = []
         chosen: str | None = None
-        drop_uid = False
         if root:
             for cand in candidates:
-                if _run_quiet(
-                    [cand, "-I", "-c", "import resource"],
-                    user=self.uid_base,
-                    group=self.uid_base,
-                    extra_groups=[],
-                    cwd="/",
-                ):
-                    chosen, drop_uid = cand, True
+                if self._quiet([cand, "-I", "-c", "import resource, json"], as_uid=self.uid_base):
+                    chosen = cand
                     break
-            if chosen is None:
-                logger.warning(
-                    "Running as root but no Python interpreter (%s) is executable by uid %d: programs run "
-                    "as root (pass python=... with a world-executable interpreter, e.g. /usr/bin/python3).",
-                    candidates,
-                    self.uid_base,
-                )
-                notes.append("NOT dropping root: no interpreter executable by the sandbox uid")
-        if chosen is None:
-            chosen = candidates[0]
-        unshare = shutil.which("unshare") if isolation == "auto" else None
-        namespaces = False
-        if unshare is not None:
-            cmd = [unshare, *_unshare_flags(root)]
-            if drop_uid:
-                cmd += ["--setuid", str(self.uid_base), "--setgid", str(self.uid_base)]
-            namespaces = _run_quiet([*cmd, chosen, "-I", "-c", "import resource"], cwd="/")
-            if not namespaces:
-                notes.append("unshare present but namespaces are not permitted here")
-        elif isolation == "auto":
+        layers = dict.fromkeys(LAYERS, False)
+        layers["unprivileged_uid"] = chosen is not None
+        notes: list[str] = []
+        if root and chosen is None:
+            notes.append(f"no interpreter of {candidates} is executable by uid {self.uid_base}")
+        elif not root:
+            notes.append("not root: programs run as the evaluator's user, without capabilities")
+        setpriv = shutil.which("setpriv")
+        if setpriv is not None and not self._quiet([setpriv, "--pdeathsig", "KILL", "true"]):
+            setpriv = None
+        plan = _Plan(
+            python=chosen or candidates[0], unshare=None, setpriv=setpriv, layers=layers, notes=notes
+        )
+        unshare = shutil.which("unshare") if isolation != "none" else None
+        if isolation != "none" and unshare is None:
             notes.append("unshare (util-linux) not found")
-        if drop_uid:
-            notes.insert(0, f"unprivileged uids {self.uid_base}..{self.uid_base + self.workers - 1}")
-        if namespaces:
-            notes.append("network, PID, IPC and UTS namespaces (no network; host processes invisible)")
-        else:
-            notes.append("no namespaces: network is NOT blocked and host processes are visible")
-        if not root:
+        if unshare is not None and setpriv is None:
             notes.append(
-                "not root: programs run as the evaluator's own user (files it can write are exposed)"
+                "setpriv (util-linux) not found: only the watchdog stops unshare if the evaluator dies"
             )
-        plan = _Plan(python=chosen, drop_uid=drop_uid, namespaces=namespaces, unshare=unshare, notes=notes)
-        logger.info("Sandbox: python=%s; %s", chosen, "; ".join(notes))
+        wanted = {"namespaces": unshare is not None, "private_tmp": unshare is not None}
+        wanted |= {"read_only_root": unshare is not None, "unix_socket_filter": True}
+        plan.unshare = unshare
+        for _ in range(len(wanted) + 1):  # drop the failing layer and try again
+            plan.layers.update(wanted)
+            error = self._setup_error(plan)
+            if error is None:
+                break
+            layer = next(
+                (name for name, step in _STEP_OF_LAYER.items() if error.startswith(step) and wanted[name]),
+                "namespaces" if wanted["namespaces"] else None,
+            )
+            if layer is None:
+                raise SandboxError(f"The sandbox cannot start even without namespaces: {error}")
+            notes.append(f"{layer} not available: {error}")
+            wanted[layer] = False
+            if layer == "namespaces":
+                wanted["private_tmp"] = wanted["read_only_root"] = False
+            elif layer == "private_tmp":
+                wanted["read_only_root"] = False
+        missing = [name for name, on in plan.layers.items() if not on]
+        if missing and isolation == "strict":
+            raise SandboxError(
+                f"isolation='strict' but these sandbox layers are not available: {missing} ({notes}); "
+                "run as root where util-linux unshare works, or pass isolation='auto' to accept less."
+            )
+        if missing:
+            logger.warning("Sandbox layers NOT in force: %s (%s)", ", ".join(missing), "; ".join(notes))
+        logger.info(
+            "Sandbox: python=%s; layers in force: %s", plan.python, [k for k, v in layers.items() if v]
+        )
         return plan
+
+    def _quiet(self, cmd: Sequence[str], as_uid: int | None = None) -> bool:
+        user = {"user": as_uid, "group": as_uid, "extra_groups": []} if as_uid is not None else {}
+        try:
+            done = subprocess.run(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=20,
+                env=_base_env("/"),
+                cwd="/",
+                **user,
+            )
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return False
+        return done.returncode == 0
+
+    def _setup_error(self, plan: _Plan) -> str | None:
+        """Run a trivial program under ``plan``; the setup step that failed, or ``None``."""
+        self._plan = plan
+        try:
+            result = self._run_in_slot("import json", 0, probing=True)
+        except SandboxError as err:
+            return str(err)
+        return None if result.passed else f"setup: probe program failed: {result.stderr[-500:]}"
 
     @property
     def protection(self) -> dict[str, object]:
-        """What protects the host on this machine (for logs and result files)."""
+        """What protects the host on this machine, layer by layer (for logs and result files)."""
+        layers = dict(self._plan.layers)
         return {
             "python": self._plan.python,
-            "drop_privileges": self._plan.drop_uid,
-            "namespaces": self._plan.namespaces,
-            "network_blocked": self._plan.namespaces,
+            "layers": layers,
+            "missing": [name for name, on in layers.items() if not on],
+            "drop_privileges": layers["unprivileged_uid"],
+            "namespaces": layers["namespaces"],
+            "network_blocked": layers["namespaces"] and layers["unix_socket_filter"],
+            "host_unix_sockets_blocked": layers["unix_socket_filter"],
+            "private_tmp": layers["private_tmp"],
             "limits": self.limits.__dict__.copy(),
             "notes": list(self._plan.notes),
         }
 
     @property
     def network_isolated(self) -> bool:
-        """Whether programs run without network access."""
-        return self._plan.namespaces
+        """Whether programs can reach no host service: no IP network and no unix socket."""
+        return bool(self.protection["network_blocked"])
 
     # ------------------------------------------------------------------------------------ running
 
@@ -305,7 +333,14 @@ class Sandbox:
             return list(pool.map(one, sources))
 
     def close(self) -> None:
-        """Remove the sandbox's temporary root directory."""
+        """Stop the watchdog (which kills what is left) and remove the temporary root directory."""
+        if self._watchdog is not None:
+            with contextlib.suppress(OSError):
+                assert self._watchdog.stdin is not None
+                self._watchdog.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._watchdog.wait(timeout=30)
+            self._watchdog = None
         shutil.rmtree(self._host_root, ignore_errors=True)
 
     def __enter__(self) -> Sandbox:
@@ -314,69 +349,132 @@ class Sandbox:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _command(self, uid: int) -> list[str]:
-        lim = self.limits
-        nproc = lim.max_processes if self._plan.drop_uid else -1
-        args = [str(lim.cpu_s), str(lim.memory_bytes), str(lim.file_size_bytes), str(nproc)]
-        args.append(str(lim.max_open_files))
-        cmd: list[str] = []
-        if self._plan.namespaces:
-            assert self._plan.unshare is not None
-            cmd = [self._plan.unshare, *_unshare_flags(os.geteuid() == 0)]
-            if self._plan.drop_uid:
-                cmd += ["--setuid", str(uid), "--setgid", str(uid)]
-        return [*cmd, self._plan.python, "-I", "-B", "-c", _BOOTSTRAP, *args]
+    def _start_watchdog(self) -> None:
+        uids = (
+            [str(self.uid_base + s) for s in range(self.workers)]
+            if self._plan.layers["unprivileged_uid"]
+            else []
+        )
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-I", "-B", "-c", _CHILD_SOURCE, "watch", str(self._host_root), *uids],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd="/",
+            start_new_session=True,  # a signal to the evaluator's process group does not reach it
+        )
 
-    def _run_in_slot(self, source: str, slot: int) -> ExecResult:
-        uid = self.uid_base + slot
+    def _tell_watchdog(self, op: str, pid: int, start: str | None) -> None:
+        if self._watchdog is None or start is None:
+            return
+        assert self._watchdog.stdin is not None
+        with contextlib.suppress(OSError):
+            self._watchdog.stdin.write(f"{op} {pid} {start}\n".encode())
+            self._watchdog.stdin.flush()
+
+    def _settings(self, uid: int | None, marker: str, status_fd: int) -> dict[str, object]:
+        lim, layers = self.limits, self._plan.layers
+        return {
+            "uid": uid,
+            "marker": marker,
+            "status_fd": status_fd,
+            "private_mounts": layers["private_tmp"],
+            "read_only": layers["read_only_root"],
+            "seccomp": layers["unix_socket_filter"],
+            "scratch_bytes": lim.scratch_bytes,
+            "cpu_s": lim.cpu_s,
+            "memory_bytes": lim.memory_bytes,
+            "file_size_bytes": lim.file_size_bytes,
+            "max_processes": lim.max_processes if uid is not None else -1,
+            "max_open_files": lim.max_open_files,
+        }
+
+    def _run_in_slot(self, source: str, slot: int, probing: bool = False) -> ExecResult:
+        root, layers = os.geteuid() == 0, self._plan.layers
+        uid = self.uid_base + slot if layers["unprivileged_uid"] else None
         host_dir = Path(tempfile.mkdtemp(prefix=f"run{slot}-", dir=self._host_root))
         os.chmod(host_dir, 0o711)  # the program may traverse to its directory but not list the others
-        work = host_dir / "work"
-        work.mkdir(mode=0o700)
-        if self._plan.drop_uid:
-            os.chown(work, uid, uid)
+        if layers["private_tmp"]:
+            work = WORK_DIR  # inside the run's own tmpfs; host_dir only keeps the output files
+        else:
+            work = str(host_dir / "work")
+            os.mkdir(work, 0o700)
+            if uid is not None:
+                os.chown(work, uid, uid)
+        cmd = [self._plan.python, "-I", "-B", "-c", _CHILD_SOURCE, "run"]
+        popen_kwargs: dict[str, object] = {}
+        if layers["namespaces"]:
+            assert self._plan.unshare is not None
+            cmd = [self._plan.unshare, *_unshare_flags(root), *cmd]
+            if self._plan.setpriv is not None:  # unshare dies with the evaluator's thread
+                cmd = [self._plan.setpriv, "--pdeathsig", "KILL", *cmd]
+            popen_kwargs["cwd"] = "/"
+        else:
+            popen_kwargs["cwd"] = work
         out_path, err_path = host_dir / "stdout", host_dir / "stderr"
         marker = f"{_MARKER_PREFIX}{secrets.token_hex(16)}"
-        popen_kwargs: dict[str, object] = {}
-        if self._plan.drop_uid and not self._plan.namespaces:
-            popen_kwargs = {"user": uid, "group": uid, "extra_groups": []}
+        status_r, status_w = os.pipe()
         start = time.monotonic()
         timed_out = False
         try:
             with open(out_path, "wb") as out, open(err_path, "wb") as err:
+                settings = json.dumps(self._settings(uid, marker, status_w))
                 proc = subprocess.Popen(
-                    self._command(uid),
+                    cmd,
                     stdin=subprocess.PIPE,
                     stdout=out,
                     stderr=err,
-                    cwd=work,
-                    env=_base_env(str(work)),
+                    env=_base_env(work),
                     start_new_session=True,
                     close_fds=True,
+                    pass_fds=(status_w,),
                     **popen_kwargs,  # type: ignore[arg-type]
                 )
+                os.close(status_w)
+                status_w = -1
+                started = sandbox_child._start_time(proc.pid)
+                self._tell_watchdog("+", proc.pid, started)
                 try:
                     assert proc.stdin is not None
                     with contextlib.suppress(BrokenPipeError, OSError):
-                        proc.stdin.write(f"{marker}\n{source}".encode())
+                        proc.stdin.write(f"{settings}\n{source}".encode())
                         proc.stdin.close()
                     proc.wait(timeout=self.limits.timeout_s)
                 except subprocess.TimeoutExpired:
                     timed_out = True
                 finally:
-                    self._kill_tree(proc, uid)
+                    self._kill_tree(proc)
+                    self._tell_watchdog("-", proc.pid, started)
             duration = time.monotonic() - start
+            status = read_status(status_r)
             stdout = self._tail(out_path)
             stderr = self._tail(err_path)
         finally:
-            self._kill_uid(uid)
+            if status_w >= 0:
+                os.close(status_w)
+            os.close(status_r)
+            if uid is not None:
+                survivors = kill_uid(uid)
+                if survivors:
+                    logger.warning(
+                        "Processes of sandbox uid %d survived repeated SIGKILL: %s", uid, survivors
+                    )
+                if not layers["private_tmp"]:
+                    remove_files_of(uid)
             shutil.rmtree(host_dir, ignore_errors=True)
+        if status != "ok" and not (timed_out and not status and not probing):
+            message = status or f"the sandbox exited ({proc.returncode}) before its setup finished"
+            if not status and stderr.strip():
+                message += f": {stderr.strip()[-300:]}"
+            if not probing:
+                message = f"Sandbox setup failed for a run after probing succeeded: {message}"
+            raise SandboxError(message)
         completed = stdout.rstrip().endswith(marker)
         stdout = stdout.replace(f"\n{marker}\n", "").replace(marker, "")
         if timed_out:
             return ExecResult("timeout", None, stdout, stderr, duration)
-        status: Status = "passed" if proc.returncode == 0 and completed else "failed"
-        return ExecResult(status, proc.returncode, stdout, stderr, duration)
+        result: Status = "passed" if proc.returncode == 0 and completed else "failed"
+        return ExecResult(result, proc.returncode, stdout, stderr, duration)
 
     def _tail(self, path: Path) -> str:
         size = path.stat().st_size
@@ -384,7 +482,7 @@ class Sandbox:
             handle.seek(max(0, size - self.limits.output_bytes))
             return handle.read().decode("utf-8", errors="replace")
 
-    def _kill_tree(self, proc: subprocess.Popen[bytes], uid: int) -> None:
+    def _kill_tree(self, proc: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -392,35 +490,10 @@ class Sandbox:
         if proc.returncode is None:  # pragma: no cover - the kernel failed to deliver SIGKILL
             logger.error("Sandboxed process %d did not die after SIGKILL.", proc.pid)
 
-    def _kill_uid(self, uid: int) -> None:
-        """Kill every process whose real or effective uid is the slot's (after the run's tree is gone)."""
-        if not self._plan.drop_uid:
-            return
-        for _ in range(50):
-            victims = _pids_of_uid(uid)
-            if not victims:
-                return
-            for pid in victims:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.02)
-        logger.warning("Processes of sandbox uid %d survived repeated SIGKILL: %s", uid, _pids_of_uid(uid))
 
-
-def _pids_of_uid(uid: int) -> list[int]:
-    """PIDs (as seen from the host) of the live, non-zombie processes with real or effective ``uid``."""
-    pids: list[int] = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/status", encoding="utf-8") as handle:
-                fields = dict(line.split(":", 1) for line in handle if ":" in line)
-        except OSError:
-            continue
-        uids = fields.get("Uid", "").split()
-        if fields.get("State", "").strip().startswith("Z"):
-            continue
-        if uids and uid in (int(uids[0]), int(uids[1])):
-            pids.append(int(entry))
-    return pids
+# the prefix of the setup error that each layer's failure produces (see sandbox_child.setup)
+_STEP_OF_LAYER = {
+    "private_tmp": "private_mounts",
+    "read_only_root": "read_only",
+    "unix_socket_filter": "seccomp",
+}
