@@ -248,3 +248,12 @@ def test_bad_json_line_is_reported_at_its_own_line(tmp_path: Path, suffix: str) 
     with pytest.raises(UserError, match=r"line 2\b") as info:
         load_records(str(path))
     assert str(path) in str(info.value) and "line 1" not in str(info.value)
+
+
+def test_verbose_shows_the_traceback_of_a_user_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("model:\n\tname_or_path: m\n")
+    assert main(["--verbose", "train", str(path)]) == 2
+    assert "Traceback" in capsys.readouterr().err + caplog.text

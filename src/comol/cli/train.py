@@ -55,6 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    from comol.errors import UserError
     from comol.training.config import load_config
     from comol.training.run import prepare_data, train
     from comol.training.trainer import DIVERGED_EXIT_CODE, TrainingDivergedError
@@ -72,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
             logger.info("%d training and %d validation records.", len(records.train), len(records.validation))
             return 0
         result = train(config, resume=args.resume)
+    except UserError:
+        raise  # comol.cli.main: one line, exit 2, the traceback only with --verbose
     except ValueError as err:
         logger.error("%s", err)
         return 2
