@@ -170,6 +170,8 @@ class ComolTrainerMixin:
         self._loss_not_finite = None
         # Under fp16 loss scaling an overflowing gradient is routine: the GradScaler skips that step itself.
         if grad_norm is not None and self.accelerator.scaler is None:
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
+                grad_norm = grad_norm.full_tensor()
             bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, device=device)).reshape(())
         if self.args.world_size > 1:  # the losses are per process; decide together
             bad = self.accelerator.reduce(bad.to(torch.int32), reduction="sum") > 0
