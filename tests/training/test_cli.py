@@ -21,9 +21,9 @@ def test_train_dry_run_prints_the_resolved_config(
     assert "max_steps: 3" in capsys.readouterr().out
 
 
-def test_train_rejects_unknown_keys(arithmetic_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_train_rejects_unknown_keys(arithmetic_file: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["train", "model.name_or_path=m", f"data.train={arithmetic_file}", "train.epochs=2"]) == 2
-    assert "Unknown config key 'train.epochs'" in caplog.text
+    assert "comol: error: Unknown config key 'train.epochs'" in capsys.readouterr().err
 
 
 def test_train_help_documents_keys(capsys: pytest.CaptureFixture) -> None:

@@ -89,12 +89,14 @@ def test_a_flipped_byte_in_the_optimizer_is_caught(run_dir: Path) -> None:
 
 
 def test_the_cli_refuses_an_incomplete_checkpoint_with_exit_code_2(
-    run_dir: Path, no_model_loading: None, caplog: pytest.LogCaptureFixture
+    run_dir: Path, no_model_loading: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (run_dir / "checkpoint-4" / "optimizer.pt").unlink()
     code = main(["train", "--resume", str(run_dir / "config.yaml"), f"train.output_dir={run_dir}"])
     assert code == 2
-    assert "optimizer.pt (the optimizer state) is missing" in caplog.text
+    err = capsys.readouterr().err
+    assert "optimizer.pt (the optimizer state) is missing" in err
+    assert "Traceback" not in err
 
 
 def test_resume_refuses_a_config_that_changes_the_run(run_dir: Path, no_model_loading: None) -> None:

@@ -84,8 +84,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from comol.errors import UserError
     from comol.training.config import load_config
     from comol.training.run import prepare_data, train
+    from comol.training.rundir import check_output_dir
+    from comol.training.trainer import DIVERGED_EXIT_CODE, TrainingDivergedError
 
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path:  # only overrides were given
@@ -93,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(config_path, overrides)
         config.validate_method()
+        check_output_dir(Path(config.train.output_dir))
         if args.dry_run:
             records = prepare_data(config)
             print(config.to_yaml(), end="")
@@ -104,8 +110,13 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             allow_config_change=args.allow_config_change,
         )
+    except UserError:
+        raise  # comol.cli.main: one line, exit 2, the traceback only with --verbose
     except ValueError as err:
         logger.error("%s", err)
         return 2
+    except TrainingDivergedError as err:
+        logger.error("%s", err)
+        return DIVERGED_EXIT_CODE
     logger.info("Done. Adapter: %s; metrics: %s", result.adapter_dir, result.output_dir / "metrics.json")
     return 0

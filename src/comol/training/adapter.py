@@ -60,7 +60,9 @@ def attach_adapter(model: torch.nn.Module, config: TrainConfig) -> PeftModel:
     import comol  # noqa: F401  (registers comol's methods with peft)
 
     drop_gguf_quantizer(model)
-    if getattr(model, "is_quantized", False):  # QLoRA: norms in float32, inputs that require grad, checkpointing
+    if getattr(
+        model, "is_quantized", False
+    ):  # QLoRA: norms in float32, inputs that require grad, checkpointing
         model = peft.prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=config.train.gradient_checkpointing,

@@ -151,4 +151,5 @@ def build_trainer(
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
+        max_bad_steps=config.train.max_bad_steps,
     )

@@ -14,13 +14,18 @@ file); the file's own keys are merged over the base's, section by section. Overr
 ``train.learning_rate=1e-4`` or ``adapter.options.num_experts=4`` are applied last. Unknown keys are an
 error everywhere except inside ``adapter.options``, which is handed to the method's config class, which
 rejects the keys it does not know.
+
+Every validation error is a :class:`comol.errors.UserError` naming the key (``comol train`` exits 2 on it):
+numbers must be finite, and out-of-range values are refused here, before anything is loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -32,6 +37,7 @@ import yaml
 
 from comol import loading
 from comol.data.prompts import TEMPLATES
+from comol.errors import UserError
 from comol.loading import canonical_dtype
 
 if TYPE_CHECKING:
@@ -185,23 +191,23 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:
-            raise ValueError(f"data.template must be one of {TEMPLATES}, got {self.template!r}.")
+            raise UserError(f"data.template must be one of {TEMPLATES}, got {self.template!r}.")
         if self.long_prompts not in LONG_PROMPT_POLICIES:
-            raise ValueError(
+            raise UserError(
                 f"data.long_prompts must be one of {LONG_PROMPT_POLICIES}, got {self.long_prompts!r}."
             )
         if self.max_length < 2:
-            raise ValueError(f"data.max_length must be at least 2, got {self.max_length}.")
+            raise UserError(f"data.max_length must be at least 2, got {self.max_length}.")
         if self.val_size < 0 or (self.val_size >= 1 and self.val_size != int(self.val_size)):
-            raise ValueError(
+            raise UserError(
                 f"data.val_size must be a fraction in [0, 1) or a whole count, got {self.val_size}."
             )
         if self.validation is not None and self.val_size > 0:
-            raise ValueError("Give either data.validation or data.val_size, not both.")
+            raise UserError("Give either data.validation or data.val_size, not both.")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"data.{name} must be positive or null, got {value}.")
+                raise UserError(f"data.{name} must be positive or null, got {value}.")
 
 
 # adapter.trainable: which parameter-name parts train (None: every adapter parameter).
@@ -256,12 +262,14 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         if self.r < 1:
-            raise ValueError(f"adapter.r must be positive, got {self.r}.")
+            raise UserError(f"adapter.r must be positive, got {self.r}.")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise UserError(f"adapter.lora_alpha must be positive or null, got {self.lora_alpha}.")
         reserved = {"r", "lora_alpha", "target_modules", "task_type"} & set(self.options)
         if reserved:
-            raise ValueError(f"Set {sorted(reserved)} directly under adapter:, not in adapter.options.")
+            raise UserError(f"Set {sorted(reserved)} directly under adapter:, not in adapter.options.")
         if self.trainable not in TRAINABLE_PARTS:
-            raise ValueError(
+            raise UserError(
                 f"adapter.trainable must be one of {list(TRAINABLE_PARTS)}, got {self.trainable!r}."
             )
         if self.init_from is not None:
@@ -270,7 +278,7 @@ class AdapterConfig:
     def _check_init_from(self) -> None:
         path = Path(self.init_from) / "adapter_config.json"
         if not path.is_file():
-            raise ValueError(
+            raise UserError(
                 f"adapter.init_from={self.init_from!r} has no adapter_config.json; give an adapter dir."
             )
         saved = json.loads(path.read_text())
@@ -287,7 +295,7 @@ class AdapterConfig:
             if clash
         ]
         if clashes:
-            raise ValueError(
+            raise UserError(
                 f"adapter.init_from={self.init_from!r} brings its own config; remove adapter.{', adapter.'.join(clashes)} "
                 "(or set them to the saved values)."
             )
@@ -376,31 +384,50 @@ class TrainingConfig:
     disable_tqdm: bool = field(
         default=False, metadata={"help": "Hide the progress bar (logs still printed)."}
     )
+    max_bad_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Optimiser steps with a non-finite loss or gradient that may be skipped (update dropped, "
+            "warning logged, counted as bad_steps in metrics.json) before the run stops as diverged; "
+            "0: stop at the first."
+        },
+    )
 
     def __post_init__(self) -> None:
         from transformers.trainer_utils import SchedulerType
 
         schedulers = sorted(s.value for s in SchedulerType)
         if self.lr_scheduler not in schedulers:
-            raise ValueError(f"train.lr_scheduler must be one of {schedulers}, got {self.lr_scheduler!r}.")
+            raise UserError(f"train.lr_scheduler must be one of {schedulers}, got {self.lr_scheduler!r}.")
         if self.trainer not in TRAINERS:
-            raise ValueError(f"train.trainer must be one of {TRAINERS}, got {self.trainer!r}.")
+            raise UserError(f"train.trainer must be one of {TRAINERS}, got {self.trainer!r}.")
         if self.learning_rate <= 0:
-            raise ValueError(f"train.learning_rate must be positive, got {self.learning_rate}.")
+            raise UserError(f"train.learning_rate must be positive, got {self.learning_rate}.")
         if self.micro_batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise ValueError("train.micro_batch_size and train.gradient_accumulation_steps must be >= 1.")
+            raise UserError("train.micro_batch_size and train.gradient_accumulation_steps must be >= 1.")
         if self.max_steps <= 0 and self.max_steps != -1:
-            raise ValueError(f"train.max_steps must be positive or -1, got {self.max_steps}.")
+            raise UserError(f"train.max_steps must be positive or -1, got {self.max_steps}.")
         if self.max_steps == -1 and self.num_epochs <= 0:
-            raise ValueError("Set train.num_epochs > 0 or train.max_steps > 0.")
+            raise UserError("Set train.num_epochs > 0 or train.max_steps > 0.")
         if not 0 <= self.warmup_ratio < 1 or self.warmup_steps < 0:
-            raise ValueError("train.warmup_ratio must be in [0, 1) and train.warmup_steps >= 0.")
+            raise UserError("train.warmup_ratio must be in [0, 1) and train.warmup_steps >= 0.")
         for name in ("logging_steps", "eval_steps", "save_steps", "save_total_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"train.{name} must be positive or null, got {value}.")
+                raise UserError(f"train.{name} must be positive or null, got {value}.")
+        for name in (
+            "weight_decay",
+            "max_grad_norm",
+            "num_epochs",
+            "dataloader_num_workers",
+            "max_bad_steps",
+        ):
+            if getattr(self, name) < 0:
+                raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}.")
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"train.seed must be in [0, 2**32), got {self.seed}.")
         if not self.output_dir:
-            raise ValueError("train.output_dir must not be empty.")
+            raise UserError("train.output_dir must not be empty.")
 
 
 @dataclass
@@ -416,9 +443,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if not self.model.name_or_path:
-            raise ValueError("model.name_or_path is required (a hub id or a local directory).")
+            raise UserError("model.name_or_path is required (a hub id or a local directory).")
         if not self.data.train:
-            raise ValueError("data.train is required (a .json/.jsonl file or a datasets hub id).")
+            raise UserError("data.train is required (a .json/.jsonl file or a datasets hub id).")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML-serialisable) of every resolved field."""
@@ -446,7 +473,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         The resolved, validated config.
 
     Raises:
-        ValueError: unknown keys, wrong types, bad values or missing required fields.
+        UserError: unknown keys, wrong types, bad values or missing required fields.
     """
     raw: dict[str, Any] = read_yaml(Path(path)) if path is not None else {}
     for item in overrides:
@@ -459,17 +486,31 @@ def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a config file, merging it over its ``base`` file if it names one."""
     path = path.resolve()
     if path in _seen:
-        raise ValueError(f"Config files include each other in a cycle: {[str(p) for p in (*_seen, path)]}")
+        raise UserError(f"Config files include each other in a cycle: {[str(p) for p in (*_seen, path)]}")
     if not path.is_file():
-        raise ValueError(f"Config file {path} does not exist.")
-    with path.open() as handle:
-        data = yaml.safe_load(handle) or {}
+        raise UserError(f"Config file {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"Config file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8."
+        ) from err
+    except yaml.YAMLError as err:
+        raise UserError(f"Config file {path}: {_yaml_problem(err)}; fix the YAML syntax there.") from err
     if not isinstance(data, dict):
-        raise ValueError(f"Config file {path} must contain a mapping at the top level.")
+        raise UserError(f"Config file {path} must contain a mapping at the top level.")
     base = data.pop(BASE_KEY, None)
     if base is None:
         return data
     return _deep_merge(read_yaml(path.parent / str(base), (*_seen, path)), data)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """``line L, column C: problem`` of a YAML error, on one line."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -477,18 +518,18 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, sep, text = item.partition("=")
     key = key.strip().lstrip("-")
     if not sep or not key:
-        raise ValueError(f"Override {item!r} is not of the form section.key=value.")
+        raise UserError(f"Override {item!r} is not of the form section.key=value.")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError as err:
-        raise ValueError(f"Cannot parse the value of override {item!r}: {err}") from err
+        raise UserError(f"Cannot parse the value of override {item!r}: {_yaml_problem(err)}.") from err
     return key, value
 
 
 def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a nested mapping, rejecting unknown keys and coercing values."""
     if not isinstance(data, Mapping):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}.")
+        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}.")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     unknown = [key for key in data if key not in fields]
@@ -497,7 +538,7 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         close = difflib.get_close_matches(str(key), list(fields), n=1)
         hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
         known = ", ".join(prefix + f for f in fields)
-        raise ValueError(f"Unknown config key '{prefix}{key}'.{hint} Known keys: {known}.")
+        raise UserError(f"Unknown config key '{prefix}{key}'.{hint} Known keys: {known}.")
     kwargs = {}
     for name, value in data.items():
         kind = hints[name]
@@ -541,7 +582,7 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except ValueError as err:
                 errors.append(str(err))
-        raise ValueError(errors[0] if errors else f"{key} must not be null.")
+        raise UserError(errors[0] if errors else f"{key} must not be null.")
     if kind is Any:
         return value
     if origin is list:
@@ -549,37 +590,40 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, list | tuple):
-            raise ValueError(f"{key} must be a list, got {value!r}.")
+            raise UserError(f"{key} must be a list, got {value!r}.")
         return [_coerce(item, item_kind, f"{key}[{i}]") for i, item in enumerate(value)]
     if origin is dict:
         if not isinstance(value, Mapping):
-            raise ValueError(f"{key} must be a mapping, got {value!r}.")
+            raise UserError(f"{key} must be a mapping, got {value!r}.")
         return dict(value)
     if kind is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"{key} must be true or false, got {value!r}.")
+        raise UserError(f"{key} must be true or false, got {value!r}.")
     if kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ValueError(f"{key} must be an integer, got {value!r}.")
+        raise UserError(f"{key} must be an integer, got {value!r}.")
     if kind is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError(f"{key} must be a number, got {value!r}.")
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise UserError(f"{key} must be a number, got {value!r}.")
+        if not math.isfinite(number):
+            raise UserError(f"{key} must be a finite number, got {value!r}.")
+        return number
     if kind is str:
         if isinstance(value, str):
             return value
         if isinstance(value, int | float) and not isinstance(value, bool):
             return str(value)
-        raise ValueError(f"{key} must be a string, got {value!r}.")
+        raise UserError(f"{key} must be a string, got {value!r}.")
     raise TypeError(f"Unsupported config type {kind!r} for {key}.")  # pragma: no cover - programming error
 
 
@@ -589,7 +633,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ValueError(f"Cannot set {key!r}: {'.'.join(parts[: i + 1])!r} is not a section.")
+            raise UserError(f"Cannot set {key!r}: {'.'.join(parts[: i + 1])!r} is not a section.")
         node = child
     node[parts[-1]] = value
 

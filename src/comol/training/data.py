@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from comol.data.prompts import render_prompt
+from comol.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +40,15 @@ def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
         The records, each checked to have the required fields.
 
     Raises:
-        ValueError: missing file, unreadable JSON, empty dataset or records without required fields.
+        UserError: missing file, unreadable JSON, empty dataset or records without required fields.
     """
     path = Path(source)
     if path.suffix in (".json", ".jsonl"):
         if not path.is_file():
-            raise ValueError(f"Data file {source} does not exist.")
+            raise UserError(f"Data file {source} does not exist.")
         records = _read_json(path)
     elif path.exists() and path.is_file():
-        raise ValueError(f"Data file {source} must be .json or .jsonl.")
+        raise UserError(f"Data file {source} must be .json or .jsonl.")
     else:
         import datasets
 
@@ -59,27 +60,27 @@ def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
             else:
                 dataset = datasets.load_dataset(source, split=split)
         except Exception as err:
-            raise ValueError(f"Cannot load dataset {source!r} (split {split!r}): {err}") from err
+            raise UserError(f"Cannot load dataset {source!r} (split {split!r}): {err}") from err
         records = [dict(row) for row in dataset]
     check_records(records, source)
     return records
 
 
 def check_records(records: Sequence[Mapping[str, Any]], source: str = "data") -> None:
-    """Raise ``ValueError`` if ``records`` is empty or a record lacks a required field or has a bad one."""
+    """Raise ``UserError`` if ``records`` is empty or a record lacks a required field or has a bad one."""
     if len(records) == 0:
-        raise ValueError(f"{source}: the dataset is empty.")
+        raise UserError(f"{source}: the dataset is empty.")
     for i, record in enumerate(records):
         if not isinstance(record, Mapping):
-            raise ValueError(f"{source}: record {i} is not a JSON object: {record!r:.80}")
+            raise UserError(f"{source}: record {i} is not a JSON object: {record!r:.80}")
         missing = [name for name in REQUIRED_FIELDS if name not in record or record[name] is None]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"{source}: record {i} has no {missing} field(s) (it has {sorted(record)}); LLM-Adapters "
                 f"records need {list(REQUIRED_FIELDS)} and optionally 'input' and 'answer'."
             )
         if not str(record["output"]).strip():
-            raise ValueError(f"{source}: record {i} has an empty 'output'.")
+            raise UserError(f"{source}: record {i} has an empty 'output'.")
 
 
 def split_validation(
@@ -95,7 +96,7 @@ def split_validation(
     count = round(len(records) * val_size) if val_size < 1 else int(val_size)
     count = max(1, count)
     if count >= len(records):
-        raise ValueError(f"data.val_size={val_size} leaves no training records (there are {len(records)}).")
+        raise UserError(f"data.val_size={val_size} leaves no training records (there are {len(records)}).")
     held = set(random.Random(seed).sample(range(len(records)), count))
     train = [r for i, r in enumerate(records) if i not in held]
     validation = [r for i, r in enumerate(records) if i in held]
@@ -115,14 +116,14 @@ def tokenize_record(
     ``labels`` equals ``input_ids`` with the prompt set to -100 when ``response_only_loss``.
 
     Raises:
-        ValueError: the prompt alone has ``max_length`` tokens or more (no response token would remain).
+        PromptTooLongError: the prompt alone has ``max_length`` tokens or more (no response token would remain).
     """
     prompt = render_prompt(record, template=template, tokenizer=tokenizer)
     # The chat template already writes its special tokens; alpaca gets the tokenizer's usual BOS, if any.
     prompt_ids = tokenizer(prompt, add_special_tokens=template == "alpaca")["input_ids"]
     response_ids = tokenizer(str(record["output"]), add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is None:
-        raise ValueError("The tokenizer has no EOS token; set one before training.")
+        raise UserError("The tokenizer has no EOS token; set one before training.")
     response_ids = [*response_ids, tokenizer.eos_token_id]
     if len(prompt_ids) >= max_length:
         raise PromptTooLongError(len(prompt_ids), max_length)
@@ -130,6 +131,34 @@ def tokenize_record(
     prompt_labels = [IGNORE_INDEX] * len(prompt_ids) if response_only_loss else list(prompt_ids)
     labels = (prompt_labels + response_ids)[:max_length]
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+POSITION_LIMIT_KEYS: tuple[str, ...] = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_sequence_length",
+    "n_ctx",
+)
+
+
+def position_limit(model_config: Any) -> int | None:
+    """The longest sequence a model's config allows (``max_position_embeddings``, ``n_positions``, ...), or
+    None if it names no limit."""
+    for key in POSITION_LIMIT_KEYS:
+        value = getattr(model_config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_max_length(max_length: int, model_config: Any) -> None:
+    """Raise :class:`UserError` if ``data.max_length`` exceeds the model's position limit (if it has one)."""
+    limit = position_limit(model_config)
+    if limit is not None and max_length > limit:
+        raise UserError(
+            f"data.max_length={max_length} exceeds the model's position limit of {limit} tokens; set "
+            f"data.max_length to {limit} or less."
+        )
 
 
 class PromptTooLongError(ValueError):
@@ -156,7 +185,7 @@ def tokenize_records(
         name: split name, for messages.
 
     Raises:
-        ValueError: prompts too long under ``long_prompts="error"``, or nothing left after dropping.
+        UserError: prompts too long under ``long_prompts="error"``, or nothing left after dropping.
     """
     examples, too_long = [], []
     for i, record in enumerate(records):
@@ -171,12 +200,12 @@ def tokenize_records(
             f"(longest {longest}, first at record {too_long[0][0]})"
         )
         if long_prompts == "error":
-            raise ValueError(
+            raise UserError(
                 f"{message}. Raise data.max_length above {longest} or set data.long_prompts=drop."
             )
         logger.warning("%s; dropped them (data.long_prompts=drop).", message)
     if not examples:
-        raise ValueError(f"No {name} examples left after tokenisation.")
+        raise UserError(f"No {name} examples left after tokenisation.")
     return examples
 
 
@@ -210,18 +239,38 @@ class CausalLMCollator:
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
     try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise UserError(
+            f"{path}: not UTF-8 text (byte {err.start}, line {line}); re-encode the file as UTF-8."
+        ) from err
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line_text in enumerate(text.splitlines(), start=1):
+            if not line_text.strip():
+                continue
+            try:
+                records.append(json.loads(line_text))
+            except json.JSONDecodeError as err:
+                raise UserError(
+                    f"{path}: line {number} is not valid JSON ({err.msg} at column {err.colno}); JSON Lines "
+                    f"files hold one JSON record per line."
+                ) from err
+        return records
+    try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}).") from err
+        raise UserError(
+            f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})."
+        ) from err
     if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise ValueError(f"{path}: expected a JSON list of records.")
+            raise UserError(f"{path}: expected a JSON list of records.")
         data = lists[0]
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records.")
+        raise UserError(f"{path}: expected a JSON list of records.")
     return data

@@ -24,7 +24,7 @@ import torch
 from comol.training.adapter import attach_adapter
 from comol.training.arguments import build_trainer, training_arguments
 from comol.training.config import TrainConfig
-from comol.training.data import load_records, split_validation, tokenize_records
+from comol.training.data import check_max_length, load_records, split_validation, tokenize_records
 from comol.training.distributed import check_distributed_type, check_fsdp2_buffers, env_flag
 from comol.training.rundir import (
     ADAPTER_DIR,
@@ -173,6 +173,7 @@ def train(
     args = training_arguments(config)
     if model is None:
         model = config.model.load_model()
+    check_max_length(config.data.max_length, model.config)
     peft_model = attach_adapter(model, config)
     check_fsdp2_buffers(peft_model)
     if config.train.gradient_checkpointing:

@@ -7,7 +7,15 @@
   expert load over layers) in every training log, hence on the console and in TensorBoard, plus per-layer
   entropy and load extremes in TensorBoard;
 - atomic checkpoints: a checkpoint is written into a staging directory and renamed into place once
-  complete, so ``checkpoint-N`` directories are always whole and ``--resume`` never picks a partial one.
+  complete, so ``checkpoint-N`` directories are always whole and ``--resume`` never picks a partial one;
+- divergence checks: an optimiser step whose loss (any micro-batch, any process) or gradient norm is not
+  finite stops training with :class:`TrainingDivergedError` before the update is applied, or, while fewer
+  than ``max_bad_steps`` steps were bad, is skipped with a warning and counted (``bad_steps`` in the
+  metrics); and no adapter or checkpoint with a non-finite trainable tensor is ever saved.
+
+Cost of the divergence check: the losses' finiteness is accumulated on the device; one scalar is read on
+the host per optimiser step (plus one all-reduce of it with several processes), next to the gradient norm
+transformers computes anyway.
 
 :class:`ComolTrainer` is the mixin on ``transformers.Trainer``; :func:`sft_trainer_class` builds the same on
 TRL's ``SFTTrainer``.
@@ -28,6 +36,7 @@ from transformers import Trainer
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from comol.errors import UserError
 from comol.mixture import RouterStats, collect_aux_loss, register_step_hooks
 
 logger = logging.getLogger(__name__)
@@ -36,6 +45,17 @@ STAGING_DIR = ".staging"
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 # Written last into a checkpoint by the Trainer; its presence marks a complete checkpoint.
 COMPLETE_MARKER = "trainer_state.json"
+
+
+class TrainingDivergedError(RuntimeError):
+    """Training produced a non-finite loss, gradient or weight; nothing non-finite was saved.
+
+    ``comol train`` exits with :data:`DIVERGED_EXIT_CODE` on it.
+    """
+
+
+DIVERGED_EXIT_CODE = 3
+"""Exit status of ``comol train`` for a diverged run (2 is bad input, 1 an unexpected error)."""
 
 
 def _router_stats(model: torch.nn.Module) -> RouterStats | None:
@@ -49,10 +69,33 @@ class ComolTrainerMixin:
     """Adds auxiliary losses, router statistics, tokens/s and atomic checkpoints to a ``Trainer``.
 
     Put it first in the bases: ``class MyTrainer(ComolTrainerMixin, Trainer)``.
+
+    Args:
+        max_bad_steps: how many optimiser steps with a non-finite loss or gradient norm may be skipped (each
+            with a warning) before training stops with :class:`TrainingDivergedError`; 0: stop at the first.
+        *args: the parent Trainer's positional arguments.
+        **kwargs: the parent Trainer's keyword arguments.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_bad_steps: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if not hasattr(
+            super(), "_get_grad_norm"
+        ):  # where the divergence check hooks in; never skip it silently
+            raise RuntimeError(
+                "This transformers version's Trainer has no _get_grad_norm; comol's divergence check needs it "
+                "(install the transformers version comol is tested with)."
+            )
+        if max_bad_steps < 0:
+            raise UserError(f"train.max_bad_steps must be >= 0, got {max_bad_steps}.")
+        if max_bad_steps and (self.is_deepspeed_enabled or self.accelerator.scaler is not None):
+            raise UserError(
+                "train.max_bad_steps > 0 (skipping bad steps) is not supported under DeepSpeed or fp16 loss "
+                "scaling; set train.max_bad_steps=0 (stop at the first non-finite step)."
+            )
+        self.max_bad_steps = max_bad_steps
+        self.bad_steps = 0
+        self._loss_not_finite: torch.Tensor | None = None  # any micro-batch of this step; on the device
         self._router_stats = _router_stats(self.model)
         self._aux_sum: torch.Tensor | float = 0.0  # summed on the device; read when logging
         self._aux_count = 0
@@ -103,7 +146,83 @@ class ComolTrainerMixin:
     ) -> torch.Tensor:
         mask = inputs.get("attention_mask")
         self._tokens_since_log += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
-        return super().training_step(model, inputs, *args, **kwargs)
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        not_finite = ~torch.isfinite(loss.detach())  # stays on the device: no sync per micro-batch
+        self._loss_not_finite = (
+            not_finite if self._loss_not_finite is None else self._loss_not_finite | not_finite
+        )
+        return loss
+
+    # ---- divergence ------------------------------------------------------------------------------------
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
+        """The parent's gradient norm (computed once per optimiser step, before the step), checked with the
+        step's losses: a non-finite step stops training or, within ``max_bad_steps``, loses its update."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if self._step_is_bad(grad_norm):
+            self._handle_bad_step(grad_norm)
+        return grad_norm
+
+    def _step_is_bad(self, grad_norm: Any) -> bool:
+        device = self.args.device
+        bad = torch.zeros((), dtype=torch.bool, device=device)
+        if self._loss_not_finite is not None:
+            bad = bad | self._loss_not_finite.to(device).reshape(())
+        self._loss_not_finite = None
+        # Under fp16 loss scaling an overflowing gradient is routine: the GradScaler skips that step itself.
+        if grad_norm is not None and self.accelerator.scaler is None:
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
+                grad_norm = grad_norm.full_tensor()
+            bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, device=device)).reshape(())
+        if self.args.world_size > 1:  # the losses are per process; decide together
+            bad = self.accelerator.reduce(bad.to(torch.int32), reduction="sum") > 0
+        return bool(bad)  # the one host-device sync per optimiser step
+
+    def _handle_bad_step(self, grad_norm: Any) -> None:
+        step = self.state.global_step + 1
+        self.bad_steps += 1
+        what = f"optimiser step {step}: non-finite loss or gradient norm (grad_norm {float(grad_norm):g})"
+        if self.bad_steps > self.max_bad_steps:
+            raise TrainingDivergedError(
+                f"Training diverged at {what}; no update, adapter or checkpoint from it was saved. Lower "
+                f"train.learning_rate (or raise train.max_bad_steps, now {self.max_bad_steps}, to skip a few "
+                f"bad steps)."
+            )
+        logger.warning(
+            "Skipping %s (bad step %d of at most %d, train.max_bad_steps).",
+            what,
+            self.bad_steps,
+            self.max_bad_steps,
+        )
+        self.optimizer.zero_grad(set_to_none=True)  # the optimiser skips parameters without gradients
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """The parent's ``train``, with ``bad_steps`` (skipped optimiser steps) in the returned metrics."""
+        self.bad_steps = 0
+        self._loss_not_finite = None
+        output = super().train(*args, **kwargs)
+        output.metrics["bad_steps"] = self.bad_steps
+        train_loss = output.metrics.get("train_loss")
+        if train_loss is not None and not torch.isfinite(torch.tensor(float(train_loss))):
+            raise TrainingDivergedError(f"Training finished with a non-finite train_loss ({train_loss}).")
+        return output
+
+    def save_model(self, output_dir: str | None = None, *args: Any, **kwargs: Any) -> None:
+        """The parent's ``save_model`` (final adapter and every checkpoint), refused with
+        :class:`TrainingDivergedError` if a trainable tensor or a buffer holds a NaN or an infinity."""
+        bad = non_finite_parameters(self.model)
+        if self.args.world_size > 1:  # sharded parameters: each process checks its shards
+            count = torch.tensor(len(bad), device=self.args.device)
+            total = int(self.accelerator.reduce(count, reduction="sum"))
+        else:
+            total = len(bad)
+        if total:
+            target = str(output_dir or self.args.output_dir).replace(f"{os.sep}{STAGING_DIR}{os.sep}", os.sep)
+            shown = f" ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else ""
+            raise TrainingDivergedError(
+                f"Refusing to save {target}: {total} trainable tensor(s) or buffer(s) hold "
+                f"NaN or infinite values{shown}. Lower train.learning_rate."
+            )
+        super().save_model(output_dir, *args, **kwargs)
 
     # ---- logging ---------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -211,6 +330,22 @@ def sft_trainer_class() -> type:
     from trl import SFTTrainer
 
     return type("ComolSFTTrainer", (ComolTrainerMixin, SFTTrainer), {"__doc__": ComolTrainer.__doc__})
+
+
+def non_finite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the trainable parameters and floating-point buffers (e.g. a router's balancing bias) with a
+    NaN or infinite entry; of a sharded parameter, this process's shard is checked."""
+    bad = []
+    tensors = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    tensors += [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+    for name, param in tensors:
+        data = getattr(param, "ds_tensor", None)  # DeepSpeed ZeRO-3: the local partition
+        if data is None:
+            data = param.detach()
+            data = data.to_local() if hasattr(data, "to_local") else data  # FSDP2 DTensor: the local shard
+        if data.numel() and not bool(torch.isfinite(data).all()):
+            bad.append(name)
+    return bad
 
 
 def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
