@@ -24,6 +24,7 @@ PAPER_LABELS: dict[str, str] = {
     "flylora": "FlyLoRA",
     "denselora": "DenseLoRA",
     "comol-wo-cr": "CoMoL w/o CR",
+    "comol-no-cr": "CoMoL w/o CR",  # configs/*/comol-no-cr.yaml
     "comol": "CoMoL",
 }
 
