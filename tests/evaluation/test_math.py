@@ -106,11 +106,13 @@ def test_score_dataset_numeric_and_choice() -> None:
 
 def test_align_predictions() -> None:
     outputs = align_predictions(
-        [{"index": 2, "output": "c"}, {"index": 0, "output": "a"}, {"index": 5, "output": "x"}], 3
+        [{"index": 2, "output": "c"}, {"index": 0, "output": "a"}, {"index": 4, "output": "x"}], 3, n_data=5
     )
-    assert outputs == ["a", None, "c"]
-    with pytest.raises(ValueError, match="twice"):
+    assert outputs == ["a", None, "c"]  # index 4 is in the data but beyond the first 3 (--limit 3)
+    with pytest.raises(ValueError, match="line 1"):
         align_predictions([{"index": 0, "output": "a"}, {"index": 0, "output": "b"}], 1)
+    with pytest.raises(ValueError, match="out of range"):
+        align_predictions([{"index": 5, "output": "x"}], 3, n_data=5)
 
 
 def test_aggregate_mean_std_against_naive() -> None:
@@ -252,3 +254,150 @@ def test_cli_errors(tmp_path) -> None:
     data, _ = _write_data(tmp_path)
     assert main(["eval", "math", "--data", f"gsm8k={data}"]) == 2
     assert main(["eval", "math"]) == 2
+
+
+def _math_cli(tmp_path, pred_lines: list[str], *extra: str) -> list[str]:
+    data, _ = _write_data(tmp_path)
+    preds = tmp_path / "bad.jsonl"
+    preds.write_text("".join(line + "\n" for line in pred_lines))
+    return ["eval", "math", "--data", f"gsm8k={data}", "--predictions", str(preds), "--json", *extra]
+
+
+def _error_line(capsys) -> str:
+    """The one ``comol: error:`` line main wrote to stderr (and that there is exactly one)."""
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("comol: error:")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "message"),
+    [
+        ('{"index": 0.9, "output": "4"}', "must be an integer"),
+        ('{"index": true, "output": "4"}', "must be an integer"),
+        ('{"index": "1", "output": "4"}', "must be an integer"),
+        ('{"index": 4, "output": "4"}', "out of range"),  # the data has 4 examples (0..3)
+        ('{"index": 49, "output": "4"}', "out of range"),
+        ('{"index": -1, "output": "4"}', "out of range"),
+        ('{"index": 0, "output": "again"}', "already has a prediction on line 1"),
+        ('{"index": 1, "output": 11}', "'output' must be a string"),
+        ('{"index": 1}', "needs 'index' and 'output'"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_bad_prediction_lines_are_rejected_with_file_and_line(tmp_path, capsys, bad_line, message) -> None:
+    """A bad prediction line (not only a repeated index) is exit 2 naming FILE:LINE, never scored."""
+    args = _math_cli(tmp_path, ['{"index": 0, "output": "1234"}', bad_line])
+    assert main(args) == 2
+    line = _error_line(capsys)
+    assert f"{tmp_path / 'bad.jsonl'}:2:" in line and message in line
+    assert not capsys.readouterr().out  # nothing reported as a result
+
+
+@pytest.mark.parametrize("limit", ["-2", "0", "1.5"])
+def test_limit_must_be_positive(tmp_path, capsys, limit) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(_math_cli(tmp_path, ['{"index": 0, "output": "1234"}'], "--limit", limit))
+    assert exit_info.value.code == 2
+    assert "--limit" in capsys.readouterr().err
+
+
+def test_limit_rejected_by_library(tmp_path) -> None:
+    from comol.evaluation.runner import evaluate_math
+
+    data, preds = _write_data(tmp_path)
+    with pytest.raises(ValueError, match="limit"):
+        evaluate_math([f"gsm8k={data}"], [str(preds)], limit=0)
+    with pytest.raises(ValueError, match="limit"):
+        load_examples(str(data), limit=-2)
+
+
+def test_missing_predictions_are_scored_wrong_and_reported(tmp_path, capsys, caplog) -> None:
+    """2 of 4 examples without a prediction: total stays 4, ``missing`` is 2, a warning and a table note."""
+    args = _math_cli(tmp_path, ['{"index": 0, "output": "1234"}', '{"index": 3, "output": "1.5"}'])
+    with caplog.at_level("WARNING"):
+        assert main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["correct"], result["total"], result["missing"]) == (2, 4, 2)
+    assert result["datasets"]["gsm8k"]["missing"] == 2
+    assert any("2 of 4 examples have no prediction (indices 1, 2)" in r.getMessage() for r in caplog.records)
+    table = markdown_table(result)
+    assert "GSM8K: 2 of 4 examples had no prediction (scored wrong)." in table
+
+
+def test_predictions_beyond_limit_are_not_scored(tmp_path, capsys) -> None:
+    args = _math_cli(tmp_path, ['{"index": 0, "output": "1234"}', '{"index": 3, "output": "1.5"}'])
+    assert main([*args, "--limit", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["correct"], result["total"], result["missing"]) == (1, 1, 0)
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys) -> None:
+    data, preds = _write_data(tmp_path)
+    (tmp_path / "broken.json").write_text('[{"instruction": "q", "answer": "1"},')
+    (tmp_path / "noanswer.json").write_text('[{"instruction": "q", "answer": "1"}, {"instruction": "q"}]')
+    (tmp_path / "empty.json").write_text("[]")
+    cases = [
+        (
+            ["--data", f"gsm8k={tmp_path / 'nope.json'}", "--predictions", str(preds)],
+            "nope.json: no such file",
+        ),
+        (["--data", f"gsm8k={tmp_path / 'broken.json'}", "--predictions", str(preds)], "broken.json:1:"),
+        (
+            ["--data", f"gsm8k={tmp_path / 'noanswer.json'}", "--predictions", str(preds)],
+            "record 1: no 'answer'",
+        ),
+        (["--data", f"gsm8k={tmp_path / 'empty.json'}", "--predictions", str(preds)], "no records"),
+        (
+            ["--data", f"gsm8k={data}", "--predictions", str(tmp_path / "nope.jsonl")],
+            "nope.jsonl: no such file",
+        ),
+        (
+            ["--data", f"gsm8k={data}", "--predictions", f"svamp={preds}"],
+            "no --data dataset is named 'svamp'",
+        ),
+        (["--aggregate", str(tmp_path / "no-run")], "no-run: no such file"),
+        (["--aggregate", str(data)], "not a comol math results file"),
+    ]
+    for extra, message in cases:
+        assert main(["eval", "math", *extra]) == 2, extra
+        line = _error_line(capsys)
+        assert message in line, (extra, line)
+
+
+@pytest.mark.slow
+def test_cli_error_subprocess_no_traceback_unless_verbose(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import comol.cli
+
+    src = str(Path(comol.cli.__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    args = [sys.executable, "-m", "comol", "eval", "math", "--data", f"x={tmp_path / 'missing.json'}"]
+    args += ["--predictions", str(tmp_path / "p.jsonl")]
+    quiet = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert quiet.returncode == 2
+    errors = [line for line in quiet.stderr.splitlines() if line.startswith("comol: error:")]
+    expected = f"comol: error: {tmp_path / 'missing.json'}: no such file; give the path of a JSON or JSONL dataset file."
+    assert errors == [expected] and "Traceback" not in quiet.stderr
+    loud = subprocess.run(
+        [*args, "--verbose"], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+    assert loud.returncode == 2 and "Traceback" in loud.stderr
+
+
+def test_unknown_option_rejected_and_verbose_after_subcommand(tmp_path, capsys) -> None:
+    data, preds = _write_data(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "math", "--data", f"gsm8k={data}", "--predictions", str(preds), "--bogus", "1"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --bogus 1" in capsys.readouterr().err
+    assert main(["eval", "math", "--data", f"gsm8k={data}", "--predictions", str(preds), "--verbose"]) == 0
+
+
+def test_model_that_cannot_load_exit_2(tmp_path, capsys) -> None:
+    data, _ = _write_data(tmp_path)
+    assert main(["eval", "math", "--model", str(tmp_path / "no-model"), "--data", f"gsm8k={data}"]) == 2
+    assert f"--model {tmp_path / 'no-model'}: cannot load" in _error_line(capsys)

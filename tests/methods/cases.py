@@ -10,8 +10,46 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+from comol.methods import build_config
+
+from conftest import randomize_adapter, tiny_model
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
 COMMON: dict[str, Any] = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS}
+
+
+def adapted(
+    method: str,
+    family: str = "llama",
+    dtype: torch.dtype = torch.float32,
+    randomize: bool = True,
+    seed: int = 0,
+    std: float = 0.3,
+    **options: Any,
+) -> PeftModel:
+    """A tiny ``family`` model with a ``method`` adapter (options on top of :data:`COMMON`); the adapter's
+    parameters are random unless ``randomize=False`` (B = 0 at init hides bugs)."""
+    model = get_peft_model(
+        tiny_model(family, seed=seed, dtype=dtype), build_config(method, **{**COMMON, **options})
+    )
+    if randomize:
+        randomize_adapter(model, seed=seed, std=std)
+    return model
+
+
+class Wrapper(nn.Module):
+    """One ``proj: Linear(d_in, d_out)``: the smallest model a layer-level test adapts (target ``"proj"``)."""
+
+    def __init__(self, d_in: int = 12, d_out: int = 10, bias: bool = False) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import get_peft_model
 from torch import nn
 
 from comol.methods import build_config
@@ -14,15 +13,12 @@ from comol.mixture import mixture_layers
 
 import naive
 from cases import TARGETS
-from conftest import VOCAB, randomize_adapter, tiny_model
+from cases import adapted as shared_adapted
+from conftest import VOCAB
 
 
-def adapted(family: str = "llama", dtype: torch.dtype = torch.float32, randomize: bool = True, **kwargs):
-    options = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, **kwargs}
-    model = get_peft_model(tiny_model(family, dtype=dtype), build_config("denselora", **options))
-    if randomize:
-        randomize_adapter(model)
-    return model
+def adapted(family: str = "llama", **kwargs):
+    return shared_adapted("denselora", family, **kwargs)
 
 
 def test_matches_the_paper_formula_in_float64():

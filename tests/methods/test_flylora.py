@@ -13,16 +13,12 @@ from comol.methods.flylora import nonzeros_per_row, sparse_random_projection
 from comol.mixture import mixture_layers, register_step_hooks
 
 import naive
-from cases import TARGETS
-from conftest import VOCAB, randomize_adapter, tiny_model
+from cases import adapted as shared_adapted
+from conftest import VOCAB, tiny_model
 
 
-def adapted(family: str = "llama", dtype: torch.dtype = torch.float32, randomize: bool = True, **kwargs):
-    options = {"r": 8, "lora_alpha": 16, "top_k": 3, "target_modules": TARGETS, **kwargs}
-    model = get_peft_model(tiny_model(family, dtype=dtype), build_config("flylora", **options))
-    if randomize:
-        randomize_adapter(model)
-    return model
+def adapted(family: str = "llama", **kwargs):
+    return shared_adapted("flylora", family, **{"r": 8, "lora_alpha": 16, "top_k": 3, **kwargs})
 
 
 @pytest.mark.parametrize("selection", ["signed", "magnitude"])

@@ -13,7 +13,8 @@ from comol.methods import build_config, config_fields
 from comol.mixture import MergeNotSupportedError, collect_aux_loss, mixture_layers, routers
 
 from cases import CASES, COMMON, Case
-from conftest import VOCAB, randomize_adapter, tiny_model
+from cases import adapted as shared_adapted
+from conftest import VOCAB, tiny_model
 
 IDS = [case.id for case in CASES]
 
@@ -25,11 +26,10 @@ def make_config(case: Case, **overrides):
 def adapted(
     case: Case, seed: int = 0, dtype: torch.dtype = torch.float32, randomize: bool = True, **overrides
 ):
-    """(base model, peft model) for a case; adapter weights random unless ``randomize=False``."""
-    model = get_peft_model(tiny_model(case.family, seed=seed, dtype=dtype), make_config(case, **overrides))
-    if randomize:
-        randomize_adapter(model, seed=seed)
-    return model
+    """The peft model of a case; adapter weights random unless ``randomize=False``."""
+    return shared_adapted(
+        case.method, case.family, dtype, randomize, seed=seed, **{**case.kwargs, **overrides}
+    )
 
 
 @pytest.fixture

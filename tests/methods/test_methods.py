@@ -14,15 +14,8 @@ from comol.methods import build_config
 from comol.mixture import mixture_layers
 from comol.mixture.experts import mix_expert_outputs
 
-from cases import TARGETS
-from conftest import VOCAB, randomize_adapter, tiny_model
-
-
-def adapted(method: str, family: str = "llama", **kwargs):
-    config = build_config(method, **{"r": 4, "lora_alpha": 8, "target_modules": TARGETS, **kwargs})
-    model = get_peft_model(tiny_model(family), config)
-    randomize_adapter(model)
-    return model
+from cases import TARGETS, adapted
+from conftest import VOCAB, tiny_model
 
 
 def gates_seen(model, **inputs) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from comol.methods import build_config
 from comol.mixture import mixture_layers
 
 import naive
-from cases import TARGETS
+from cases import TARGETS, Wrapper
 from conftest import randomize_adapter, tiny_model
 
 # (method, config options, naive reference). Routed methods get E = 3 experts; FlyLoRA and DenseLoRA have
@@ -35,15 +35,6 @@ REFERENCES = [
 IDS = [f"{method}-{'-'.join(map(str, kw.values()))}" for method, kw, _ in REFERENCES]
 
 
-class Wrapper(nn.Module):
-    def __init__(self, d_in: int = 12, d_out: int = 10) -> None:
-        super().__init__()
-        self.proj = nn.Linear(d_in, d_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
 def randomize(model: nn.Module, std: float) -> None:
     """Random adapter parameters, and random values for FlyLoRA's balancing bias (a buffer, zero at init)."""
     randomize_adapter(model, std=std)
@@ -59,7 +50,7 @@ def randomize(model: nn.Module, std: float) -> None:
 def test_layer_matches_paper_formula_float64(method, kwargs, reference, shape):
     torch.manual_seed(0)
     config = build_config(method, r=4, lora_alpha=8, target_modules=["proj"], **kwargs)
-    model = get_peft_model(Wrapper().double(), config)
+    model = get_peft_model(Wrapper(bias=True).double(), config)
     randomize(model, std=0.5)
     layer = model.base_model.model.proj
     x = torch.randn(*shape, dtype=torch.float64)

@@ -15,14 +15,12 @@ from comol.mixture import mixture_layers
 
 import naive
 from cases import TARGETS
+from cases import adapted as shared_adapted
 from conftest import VOCAB, randomize_adapter, tiny_model
 
 
-def adapted(family: str = "llama", dtype: torch.dtype = torch.float32, std: float = 0.3, **kwargs):
-    config = build_config("sparsemoa", **{"r": 4, "lora_alpha": 8, "target_modules": TARGETS, **kwargs})
-    model = get_peft_model(tiny_model(family, dtype=dtype), config)
-    randomize_adapter(model, std=std)
-    return model
+def adapted(family: str = "llama", **kwargs):
+    return shared_adapted("sparsemoa", family, **kwargs)
 
 
 def blocks(model) -> dict[str, SparseMoABlock]:

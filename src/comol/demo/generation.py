@@ -90,13 +90,17 @@ class _AnswerGiven(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-def answer_accuracy(responses: Sequence[str], records: Sequence[Mapping[str, Any]]) -> float:
-    """Fraction of responses whose answer matches the record's ``answer``, scored exactly as
+def answer_marks(responses: Sequence[str], records: Sequence[Mapping[str, Any]]) -> list[bool]:
+    """Per response, whether its answer matches the record's ``answer``, scored exactly as
     ``comol eval math`` scores (:func:`comol.evaluation.math.extract_number` and ``is_correct``)."""
-    if not records:
-        raise ValueError("No records to score.")
-    correct = sum(
+    return [
         is_correct(extract_number(text), parse_gold(r["answer"]))
         for text, r in zip(responses, records, strict=True)
-    )
-    return correct / len(records)
+    ]
+
+
+def answer_accuracy(responses: Sequence[str], records: Sequence[Mapping[str, Any]]) -> float:
+    """Fraction of responses marked correct by :func:`answer_marks`."""
+    if not records:
+        raise ValueError("No records to score.")
+    return sum(answer_marks(responses, records)) / len(records)

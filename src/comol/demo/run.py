@@ -17,12 +17,14 @@ from typing import Any
 import torch
 
 from comol.data import arithmetic
-from comol.demo.generation import answer_accuracy, generate_responses
+from comol.demo.generation import answer_accuracy, answer_marks, generate_responses
 from comol.loading import locate_smollm2
 from comol.training.config import load_config
 from comol.training.run import PreparedData, train
 
 logger = logging.getLogger(__name__)
+
+N_EXAMPLES = 5  # held-out problems shown on the demo's last screen, each marked right or wrong
 
 # Options the demo passes per method (beyond r and alpha); methods not listed use their own defaults.
 DEMO_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"comol": {"num_experts": 4}}
@@ -38,7 +40,7 @@ class DemoResult:
     adapter_dir: Path
     train_seconds: float
     total_seconds: float
-    examples: list[dict[str, str]]
+    examples: list[dict[str, Any]]  # question, answer, base, tuned, base_correct, tuned_correct
 
 
 def run_demo(
@@ -56,7 +58,7 @@ def run_demo(
     Args:
         method: adapter method name.
         max_steps: optimiser steps (batch of 8 sequences each).
-        output_dir: run directory (its contents are replaced).
+        output_dir: run directory (an earlier run in it is replaced: :func:`comol.training.rundir.clear_run`).
         n_train: generated training problems (only ``8 * max_steps`` are seen).
         n_test: held-out test problems.
         seed: seed of the problem generator and of training.
@@ -112,7 +114,7 @@ def run_demo(
     train_start = time.perf_counter()
     result = train(
         config,
-        resume=_existing_run(output_dir),
+        overwrite=True,  # an earlier demo run in the same directory is replaced
         model=model,
         tokenizer=tokenizer,
         records=PreparedData(train=train_records, validation=[]),
@@ -124,9 +126,24 @@ def run_demo(
         result.model, tokenizer, test_records, config.data.template, batch_size=25
     )
     tuned_accuracy = answer_accuracy(tuned_responses, test_records)
+    shown = slice(0, N_EXAMPLES)
+    marks = zip(
+        answer_marks(base_responses[shown], test_records[shown]),
+        answer_marks(tuned_responses[shown], test_records[shown]),
+        strict=True,
+    )
     examples = [
-        {"question": r["instruction"], "answer": r["answer"], "base": b.strip(), "tuned": t.strip()}
-        for r, b, t in list(zip(test_records, base_responses, tuned_responses, strict=True))[:3]
+        {
+            "question": r["instruction"],
+            "answer": r["answer"],
+            "base": b.strip(),
+            "tuned": t.strip(),
+            "base_correct": base_ok,
+            "tuned_correct": tuned_ok,
+        }
+        for r, b, t, (base_ok, tuned_ok) in zip(
+            test_records[shown], base_responses[shown], tuned_responses[shown], marks, strict=True
+        )
     ]
     demo = DemoResult(
         method=method,
@@ -145,13 +162,3 @@ def run_demo(
     }
     (output_dir / "demo_results.json").write_text(json.dumps(summary, indent=2))
     return demo
-
-
-def _existing_run(output_dir: Path) -> bool:
-    # A finished earlier demo in the same directory is replaced rather than resumed.
-    if output_dir.exists():
-        import shutil
-
-        logger.info("Replacing the earlier demo run in %s.", output_dir)
-        shutil.rmtree(output_dir)
-    return False

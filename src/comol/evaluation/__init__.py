@@ -6,6 +6,7 @@
 * :mod:`comol.evaluation.generation`: model (+ adapter) loading and batched left-padded generation.
 * :mod:`comol.evaluation.io`: atomic result writes.
 * :mod:`comol.evaluation.runner`: whole runs (load, generate or read, score, write) behind `comol eval`.
+* :mod:`comol.evaluation.harness`: lm-evaluation-harness on a base model + comol adapter (`comol eval harness`).
 
 Submodules are imported on demand so that importing this package stays light.
 """

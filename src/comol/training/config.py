@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -34,11 +35,27 @@ from comol.data.prompts import TEMPLATES
 from comol.loading import canonical_dtype
 
 if TYPE_CHECKING:
+    from peft import PeftConfig
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 TRAINERS: tuple[str, ...] = ("transformers", "trl")
 LONG_PROMPT_POLICIES: tuple[str, ...] = ("error", "drop")
 BASE_KEY = "base"
+
+# Keys of the config that may change when a run is resumed: how long it runs, where it is written and
+# how it is logged, evaluated and checkpointed. Any other change alters the adapter the run produces.
+RESUMABLE_KEYS: tuple[str, ...] = (
+    "train.max_steps",
+    "train.num_epochs",
+    "train.output_dir",
+    "train.logging_steps",
+    "train.eval_steps",
+    "train.save_steps",
+    "train.save_total_limit",
+    "train.report_to",
+    "train.disable_tqdm",
+    "train.dataloader_num_workers",
+)
 
 
 @dataclass
@@ -67,12 +84,40 @@ class ModelConfig:
         default=None,
         metadata={"help": "transformers attention backend (eager, sdpa, ...); None: its default."},
     )
+    quantization: str = field(
+        default="none",
+        metadata={
+            "help": "bitsandbytes quantization of the frozen base weights (QLoRA): nf4 or fp4 (4-bit), int8, "
+            "or none. The adapter stays in float32; merging into a quantized base is refused."
+        },
+    )
+    compute_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "dtype 4-bit layers dequantize to and compute in (bf16, fp16, fp32); null: model.dtype."
+        },
+    )
+    double_quant: bool = field(
+        default=True,
+        metadata={"help": "Also quantize the 4-bit blocks' scales (QLoRA's double quantization)."},
+    )
 
     def __post_init__(self) -> None:
         self.dtype = canonical_dtype(self.dtype, allow_auto=False, what="model.dtype")
+        self.quantization = loading.canonical_quantization(self.quantization, what="model.quantization")
+        if self.compute_dtype is not None:
+            self.compute_dtype = canonical_dtype(
+                self.compute_dtype, allow_auto=False, what="model.compute_dtype"
+            )
+        if self.quantization != "none" and self.gguf_file is not None:
+            raise ValueError(
+                "model.quantization needs full-precision checkpoint weights to quantize; a GGUF file "
+                "(model.gguf_file) is already quantized. Use a safetensors checkpoint, or model.quantization=none."
+            )
 
     def load_model(self) -> PreTrainedModel:
-        """The base causal LM in ``dtype`` (:func:`comol.loading.load_causal_lm`)."""
+        """The base causal LM in ``dtype``, quantized if asked (:func:`comol.loading.load_causal_lm`)."""
+        compute_dtype = loading.resolve_dtype(self.compute_dtype or self.dtype)
         return loading.load_causal_lm(
             self.name_or_path,
             gguf_file=self.gguf_file,
@@ -80,6 +125,7 @@ class ModelConfig:
             revision=self.revision,
             trust_remote_code=self.trust_remote_code,
             attn_implementation=self.attn_implementation,
+            quantization=loading.bnb_config(self.quantization, compute_dtype, self.double_quant),
         )
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
@@ -158,6 +204,14 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be positive or null, got {value}.")
 
 
+# adapter.trainable: which parameter-name parts train (None: every adapter parameter).
+TRAINABLE_PARTS: dict[str, tuple[str, ...] | None] = {
+    "all": None,
+    "router": ("router",),
+    "router+cores": ("router", "cores"),
+}
+
+
 @dataclass
 class AdapterConfig:
     """The adapter method and its hyperparameters (validated by the method's own config class)."""
@@ -184,6 +238,21 @@ class AdapterConfig:
             "unknown options are rejected by the method."
         },
     )
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from this saved adapter directory (e.g. one written by `comol compose`) instead of a "
+            "fresh adapter; its own config is used, so leave method, r, lora_alpha, target_modules and options "
+            "unset (or equal to the saved ones)."
+        },
+    )
+    trainable: str = field(
+        default="all",
+        metadata={
+            "help": "Which adapter parameters train: all, router (only the routers, e.g. of a composed "
+            "adapter) or router+cores (routers and CoMoL's expert cores; A and B stay frozen)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -191,13 +260,44 @@ class AdapterConfig:
         reserved = {"r", "lora_alpha", "target_modules", "task_type"} & set(self.options)
         if reserved:
             raise ValueError(f"Set {sorted(reserved)} directly under adapter:, not in adapter.options.")
+        if self.trainable not in TRAINABLE_PARTS:
+            raise ValueError(
+                f"adapter.trainable must be one of {list(TRAINABLE_PARTS)}, got {self.trainable!r}."
+            )
+        if self.init_from is not None:
+            self._check_init_from()
+
+    def _check_init_from(self) -> None:
+        path = Path(self.init_from) / "adapter_config.json"
+        if not path.is_file():
+            raise ValueError(
+                f"adapter.init_from={self.init_from!r} has no adapter_config.json; give an adapter dir."
+            )
+        saved = json.loads(path.read_text())
+        saved_method = str(saved.get("peft_type", "")).lower()
+        clashes = [
+            name
+            for name, clash in (
+                ("method", self.method != "comol" and self.method.lower() != saved_method),
+                ("r", self.r != 8 and self.r != saved.get("r")),
+                ("lora_alpha", self.lora_alpha is not None and self.lora_alpha != saved.get("lora_alpha")),
+                ("target_modules", self.target_modules is not None),
+                ("options", bool(self.options)),
+            )
+            if clash
+        ]
+        if clashes:
+            raise ValueError(
+                f"adapter.init_from={self.init_from!r} brings its own config; remove adapter.{', adapter.'.join(clashes)} "
+                "(or set them to the saved values)."
+            )
 
     @property
     def alpha(self) -> float:
         """The effective ``lora_alpha`` (``r`` when unset)."""
         return float(self.r) if self.lora_alpha is None else self.lora_alpha
 
-    def build(self, target_modules: list[str] | None = None) -> Any:
+    def build(self, target_modules: list[str] | None = None) -> PeftConfig:
         """The method's peft config (raises ``ValueError`` for an unknown method or option).
 
         Args:
@@ -330,7 +430,8 @@ class TrainConfig:
 
     def validate_method(self) -> None:
         """Build the adapter's peft config once, so that a bad method or option fails before any loading."""
-        self.adapter.build()
+        if self.adapter.init_from is None:  # a saved adapter's config was checked when it was saved
+            self.adapter.build()
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> TrainConfig:

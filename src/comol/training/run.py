@@ -31,7 +31,11 @@ from comol.training.rundir import (
     CONFIG_FILE,
     METRICS_FILE,
     RUN_INFO_FILE,
+    check_output_dir,
+    check_resume_config,
+    clear_run,
     resume_checkpoint,
+    resumed_run_info,
     run_info,
     save_adapter,
     write_atomic,
@@ -92,6 +96,8 @@ def train(
     config: TrainConfig,
     *,
     resume: bool | str | os.PathLike = False,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
     model: PreTrainedModel | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     callbacks: list[TrainerCallback] | None = None,
@@ -101,9 +107,16 @@ def train(
 
     Args:
         config: the resolved run config.
-        resume: ``True`` continues from the newest complete checkpoint in ``train.output_dir`` (starting
-            afresh if there is none), a path continues from that checkpoint, ``False`` starts afresh and
-            refuses a run directory that already has checkpoints.
+        resume: ``True`` continues from the newest checkpoint in ``train.output_dir`` (starting afresh if
+            the directory holds no run yet), a path continues from that checkpoint, ``False`` starts afresh
+            and refuses a directory that already holds a run (checkpoints, ``adapter/`` or ``metrics.json``).
+            The checkpoint must be complete (:func:`comol.training.rundir.check_checkpoint`) and the config
+            the same as the run's saved one except for the keys of
+            :data:`comol.training.rundir.RESUMABLE_KEYS` (e.g. ``train.max_steps``).
+        overwrite: with ``resume=False``, replace the run already in ``train.output_dir`` (its checkpoints,
+            adapter, config, logs and metrics are removed once the model is loaded).
+        allow_config_change: resume even with other config changes; they are recorded in ``run_info.json``
+            (``resumes``) and ``config.yaml`` holds the new values.
         model: an already loaded base model to use instead of loading ``config.model``.
         tokenizer: an already loaded tokenizer to use instead of loading one.
         callbacks: extra ``TrainerCallback`` objects.
@@ -113,7 +126,9 @@ def train(
         The run's :class:`TrainResult`.
 
     Raises:
-        ValueError: bad config, data, method options or target modules, found before training starts.
+        ValueError: bad config, data, method options or target modules, an output directory that is a file
+            or holds a run, an incomplete checkpoint or a changed config on resume: all found before the
+            model is loaded (target modules right after).
     """
     from accelerate import PartialState
     from transformers import set_seed
@@ -126,7 +141,9 @@ def train(
     # 1. Everything checkable without the model.
     config.validate_method()
     output_dir = Path(config.train.output_dir)
-    checkpoint = resume_checkpoint(output_dir, resume)
+    check_output_dir(output_dir)
+    checkpoint = resume_checkpoint(output_dir, resume, overwrite=overwrite)
+    changes = check_resume_config(config, checkpoint, allow_change=allow_config_change)
     prepared = records if records is not None else prepare_data(config)
 
     # 2. Tokenizer and data.
@@ -163,9 +180,14 @@ def train(
 
     # 4. Run directory.
     if state.is_main_process:
+        if overwrite:
+            clear_run(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+        info = run_info(state.num_processes)
+        if checkpoint is not None:
+            info = resumed_run_info(output_dir, info, checkpoint, changes)
         write_atomic(output_dir / CONFIG_FILE, config.to_yaml())
-        write_atomic(output_dir / RUN_INFO_FILE, json.dumps(run_info(state.num_processes), indent=2))
+        write_atomic(output_dir / RUN_INFO_FILE, json.dumps(info, indent=2, default=str))
     state.wait_for_everyone()
 
     # 5. Train.

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from comol.errors import UserError
+from comol.evaluation.io import iter_jsonl_lines
 from comol.evaluation.math.answers import (
     CHOICE_DATASETS,
     DEFAULT_ABS_TOL,
@@ -29,19 +32,26 @@ class DatasetScore:
         correct: number of correct samples.
         total: number of samples.
         records: per-sample audit records (index, prompt, output, extracted, gold, correct).
+        missing: samples without a prediction (``None`` output), counted in ``total`` as wrong.
     """
 
     name: str
     correct: int
     total: int
     records: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    missing: int = 0
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
 
     def summary(self) -> dict[str, Any]:
-        return {"accuracy": self.accuracy, "correct": self.correct, "total": self.total}
+        return {
+            "accuracy": self.accuracy,
+            "correct": self.correct,
+            "total": self.total,
+            "missing": self.missing,
+        }
 
 
 def score_dataset(
@@ -65,6 +75,8 @@ def score_dataset(
     """
     if len(outputs) != len(examples):
         raise ValueError(f"{name}: {len(outputs)} outputs for {len(examples)} examples.")
+    if not examples:
+        raise ValueError(f"{name}: no examples to score.")
     records: list[dict[str, Any]] = []
     correct = 0
     for index, (example, output) in enumerate(zip(examples, outputs, strict=True)):
@@ -84,43 +96,97 @@ def score_dataset(
                 "correct": ok,
             }
         )
-    return DatasetScore(name=name, correct=correct, total=len(examples), records=records)
+    missing = sum(output is None for output in outputs)
+    return DatasetScore(name=name, correct=correct, total=len(examples), records=records, missing=missing)
 
 
-def align_predictions(predictions: Sequence[Mapping[str, Any]], n_examples: int) -> list[str | None]:
-    """Order ``{"index": i, "output": ...}`` predictions by index; missing indices become ``None``.
+def align_predictions(
+    predictions: Sequence[Mapping[str, Any]],
+    n_examples: int,
+    n_data: int | None = None,
+    source: str = "predictions",
+    lines: Sequence[int] | None = None,
+) -> list[str | None]:
+    """Order ``{"index": i, "output": "..."}`` predictions by index; indices without one become ``None``.
 
-    Indices at or beyond ``n_examples`` are ignored (e.g. with ``--limit``).
+    Every ``index`` must be a JSON integer in ``0 .. n_data - 1`` and appear once; every ``output`` must be
+    a string. Predictions for indices in ``n_examples .. n_data - 1`` (examples left out by ``--limit``)
+    are skipped, with a log line. Examples without a prediction are kept as ``None``: they are scored as
+    wrong, counted as ``missing`` in the results and reported with a warning.
+
+    Args:
+        predictions: the prediction objects, in file order.
+        n_examples: the examples being scored (the first ``n_examples`` of the data).
+        n_data: how many examples the data file holds (default ``n_examples``).
+        source: the predictions file, for messages.
+        lines: the file line of each prediction, for messages (default: 1, 2, ...).
+
+    Returns:
+        ``n_examples`` outputs, ``None`` where there is no prediction.
 
     Raises:
-        ValueError: a prediction lacks ``index``/``output``, or an index repeats.
+        UserError: a prediction lacks ``index``/``output``, an index is not an integer, is out of range or
+            repeats, or an output is not a string (the message names the file and line).
     """
+    n_data = n_examples if n_data is None else n_data
+    lines = list(lines) if lines is not None else list(range(1, len(predictions) + 1))
     outputs: list[str | None] = [None] * n_examples
-    seen: set[int] = set()
-    for number, pred in enumerate(predictions):
+    first_line: dict[int, int] = {}
+    beyond = 0
+    for line, pred in zip(lines, predictions, strict=True):
+        where = f"{source}:{line}"
         if "index" not in pred or "output" not in pred:
-            raise ValueError(f"Prediction {number} needs 'index' and 'output' fields, got {sorted(pred)}.")
-        index = int(pred["index"])
-        if index in seen:
-            raise ValueError(f"Prediction index {index} appears twice.")
-        seen.add(index)
-        if index < 0:
-            raise ValueError(f"Prediction index {index} is negative.")
+            raise UserError(f"{where}: a prediction needs 'index' and 'output' fields, got {sorted(pred)}.")
+        index = pred["index"]
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise UserError(f"{where}: 'index' must be an integer (0-based example number), got {index!r}.")
+        if not 0 <= index < n_data:
+            raise UserError(
+                f"{where}: 'index' {index} is out of range; the data has {n_data} examples (0..{n_data - 1})."
+            )
+        if index in first_line:
+            raise UserError(f"{where}: index {index} already has a prediction on line {first_line[index]}.")
+        first_line[index] = line
+        if not isinstance(pred["output"], str):
+            raise UserError(f"{where}: 'output' must be a string, got {type(pred['output']).__name__}.")
         if index < n_examples:
-            outputs[index] = str(pred["output"])
-    missing = outputs.count(None)
+            outputs[index] = pred["output"]
+        else:
+            beyond += 1
+    if beyond:
+        logger.info(
+            "%s: %d predictions for examples beyond the first %d are not scored.", source, beyond, n_examples
+        )
+    missing = [i for i, output in enumerate(outputs) if output is None]
     if missing:
-        logger.warning("%d of %d examples have no prediction; they are scored as wrong.", missing, n_examples)
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        logger.warning(
+            "%s: %d of %d examples have no prediction (indices %s); they are scored as wrong.",
+            source,
+            len(missing),
+            n_examples,
+            shown,
+        )
     return outputs
+
+
+def load_predictions(
+    path: str | os.PathLike[str], n_examples: int, n_data: int | None = None
+) -> list[str | None]:
+    """Read a predictions JSONL file and align it to the examples (see :func:`align_predictions`)."""
+    numbered = list(iter_jsonl_lines(path))
+    return align_predictions(
+        [r for _, r in numbered], n_examples, n_data, source=str(path), lines=[n for n, _ in numbered]
+    )
 
 
 def results_summary(scores: Sequence[DatasetScore]) -> dict[str, Any]:
     """One run's results: per-dataset accuracy and the macro average over datasets.
 
     Returns:
-        ``{"datasets": {name: {"accuracy", "correct", "total"}}, "average": float, "accuracy": float,
-        "correct": int, "total": int}``; ``accuracy`` is the macro average (the papers' "Avg." column),
-        ``correct``/``total`` are sums.
+        ``{"datasets": {name: {"accuracy", "correct", "total", "missing"}}, "average": float,
+        "accuracy": float, "correct": int, "total": int, "missing": int}``; ``accuracy`` is the macro
+        average (the papers' "Avg." column), ``correct``/``total``/``missing`` are sums.
     """
     per = {s.name: s.summary() for s in scores}
     average = statistics.fmean(s.accuracy for s in scores) if scores else 0.0
@@ -130,4 +196,5 @@ def results_summary(scores: Sequence[DatasetScore]) -> dict[str, Any]:
         "accuracy": average,
         "correct": sum(s.correct for s in scores),
         "total": sum(s.total for s in scores),
+        "missing": sum(s.missing for s in scores),
     }

@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from comol.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
@@ -77,16 +79,34 @@ def markdown_table(results: Mapping[str, Any], label: str = "accuracy (%)") -> s
     else:
         row_label = "run"
         cells = [f"{100 * datasets[n]['accuracy']:.1f}" for n in names] + [f"{100 * results['average']:.1f}"]
-    return "\n".join([header, rule, f"| {row_label} | " + " | ".join(cells) + " |"]) + "\n"
+    lines = [header, rule, f"| {row_label} | " + " | ".join(cells) + " |"]
+    for n in names:
+        missing = datasets[n].get("missing", 0)
+        if missing:
+            lines.append(
+                f"\n{_display_name(n)}: {missing} of {datasets[n]['total']} examples had no prediction (scored wrong)."
+            )
+    return "\n".join(lines) + "\n"
 
 
 def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a ``results.json`` written by ``comol eval math`` (a directory means ``DIR/results.json``)."""
+    """Read a ``results.json`` written by ``comol eval math`` (a directory means ``DIR/results.json``).
+
+    Raises:
+        UserError: the file is missing, not JSON, or not a math results file.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "results.json"
-    with open(path, encoding="utf-8") as handle:
-        results = json.load(handle)
-    if "datasets" not in results:
-        raise ValueError(f"{path}: not a comol math results file (no 'datasets').")
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; give results.json files or directories holding one.")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            results = json.load(handle)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg}).") from err
+    if not isinstance(results, dict) or "datasets" not in results:
+        raise UserError(
+            f"{path}: not a comol math results file (no 'datasets'); give a comol eval math results.json."
+        )
     return results

@@ -223,6 +223,12 @@ class SparseMoABlock(nn.Module, AdapterContainers):
         if self.disable_adapters:
             return
         u = _hidden_states(args, kwargs, f"{self.module_key}.{self.router_input}")  # (..., d)
+        if self.context.adapter_names is not None:  # mixed-adapter batch: each adapter routes its own rows
+            for name, rows in self.context.adapter_rows(u.shape[0], u.device):
+                if name in self.adapter_config:
+                    with self.context.rows(rows):
+                        self.gates.gates[name] = self.route(name, u[rows])  # (n, ..., E)
+            return
         for name in self.active_adapters:
             if name in self.adapter_config:
                 self.gates.gates[name] = self.route(name, u)
@@ -240,6 +246,8 @@ class SparseMoABlock(nn.Module, AdapterContainers):
                 "or parallel_adapter_size=0."
             )
         v = _hidden_states(args, kwargs, where)  # (..., d)
+        if self.context.adapter_names is not None:  # mixed-adapter batch: each adapter on its own rows
+            return self._mixed_batch_adapter(v, output, where)
         for name in self.active_adapters:
             if name not in self.sparsemoa_adapter_down:
                 continue
@@ -247,6 +255,21 @@ class SparseMoABlock(nn.Module, AdapterContainers):
             down, up = self.sparsemoa_adapter_down[name], self.sparsemoa_adapter_up[name]
             delta = up(F.silu(down(v.to(down.weight.dtype))))  # (..., d)
             output = output + (delta * gate.to(delta.dtype)).to(output.dtype)
+        return output
+
+    def _mixed_batch_adapter(self, v: torch.Tensor, output: torch.Tensor, where: str) -> torch.Tensor:
+        """The parallel adapters of a mixed-adapter batch: ``v (B, ..., d)``, ``output (B, ..., d)``; each
+        adapter adds to its own rows (``context.adapter_names``), gated by the gates its router gave them."""
+        for name, rows in self.context.adapter_rows(v.shape[0], v.device):
+            if name not in self.sparsemoa_adapter_down:
+                continue
+            v_rows = v[rows]  # (n, ..., d)
+            gate = self.gates.column(
+                name, self.num_experts[name] - 1, v_rows.shape[:-1], where
+            )  # (n, ..., 1)
+            down, up = self.sparsemoa_adapter_down[name], self.sparsemoa_adapter_up[name]
+            delta = up(F.silu(down(v_rows.to(down.weight.dtype))))  # (n, ..., d)
+            output = output.index_add(0, rows, (delta * gate.to(delta.dtype)).to(output.dtype))
         return output
 
     def delete_adapter(self, adapter_name: str) -> None:
