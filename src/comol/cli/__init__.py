@@ -29,6 +29,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "params",
     "bench",
     "compose",
+    "sweep",
 )  # compose: + decompose
 
 
