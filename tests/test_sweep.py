@@ -17,7 +17,8 @@ from comol.sweep.plan import EvalSpec, plan_runs
 from comol.sweep.results import aggregate
 from training.tiny import make_char_tokenizer, make_tiny_model
 
-PAPER = Path("/work/shared/paper/comol-arxiv-2603.00573.txt")
+# The paper's text lives in the shared/ folder beside the repository (as laid out for development and CI).
+PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper" / "comol-arxiv-2603.00573.txt"
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The accuracy figures of the CoMoL paper's Tables 2-4 (arXiv 2603.00573), kept as facts for ``--compare paper``.
 
-Transcribed from the paper's text (``/work/shared/paper/comol-arxiv-2603.00573.txt``); each cell is the
+Transcribed from the paper's text (arXiv 2603.00573); each cell is the
 printed figure in percent (mean, std over three seeds for Tables 2-3; a single figure for Table 4), "Param"
 in millions. Tables 2-3 have no DenseLoRA row and Table 4 no SparseMoA row; the paper has no SMEAR row.
 The parameter-count facts with the settings that reproduce them live in :mod:`comol.params.paper`.
