@@ -97,19 +97,8 @@ def export_lora(
         tensors[f"{key}.lora_B.weight"] = b.detach().cpu().contiguous()
         ranks[key.removeprefix("base_model.model.")] = a.shape[0]
         fan_in_fan_out = fan_in_fan_out or layer.is_conv1d
-    rank = max(ranks.values())
     source_config = next(iter(layers.values())).adapter_config[adapter_name]
-    # The scaling is already folded into B, so lora_alpha == r gives LoRA scaling 1 for every module.
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=rank,
-        target_modules=sorted(ranks),
-        rank_pattern={k: v for k, v in ranks.items() if v != rank},
-        alpha_pattern={k: v for k, v in ranks.items() if v != rank},
-        fan_in_fan_out=fan_in_fan_out,
-        base_model_name_or_path=source_config.base_model_name_or_path,
-        task_type=source_config.task_type,
-    )
+    config = lora_config_for(ranks, fan_in_fan_out, source_config)
     _write_adapter_dir(Path(output_dir), config, tensors)
     logger.info("Exported %d layers as a LoRA adapter to %s", len(layers), output_dir)
     return config
@@ -141,3 +130,27 @@ def _write_adapter_dir(output_dir: Path, config: LoraConfig, tensors: dict[str, 
         shutil.rmtree(backup, ignore_errors=True)
     else:
         os.replace(tmp, output_dir)
+
+
+def lora_config_for(ranks: Mapping[str, int], fan_in_fan_out: bool, source_config: Any) -> LoraConfig:
+    """The ``LoraConfig`` of LoRA factors whose scaling is already folded into ``B``.
+
+    Args:
+        ranks: module name (without the ``base_model.model.`` prefix) -> rank of its factors.
+        fan_in_fan_out: True for transformers' ``Conv1D`` layers (GPT-2).
+        source_config: the config the factors come from (base model name and task type are kept).
+
+    ``lora_alpha`` equals each module's rank (through ``rank_pattern`` / ``alpha_pattern``), so peft's
+    scaling is 1 everywhere.
+    """
+    rank = max(ranks.values())
+    return LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=sorted(ranks),
+        rank_pattern={k: v for k, v in ranks.items() if v != rank},
+        alpha_pattern={k: v for k, v in ranks.items() if v != rank},
+        fan_in_fan_out=fan_in_fan_out,
+        base_model_name_or_path=source_config.base_model_name_or_path,
+        task_type=source_config.task_type,
+    )

@@ -15,7 +15,7 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-from comol.export import _peft_key, _write_adapter_dir
+from comol.export import _peft_key, _write_adapter_dir, lora_config_for
 from comol.mixture.model import mixture_layers
 
 
@@ -104,16 +104,6 @@ def decompose(model: nn.Module, rank: int | None = None, adapter_name: str = "de
             fan_in_fan_out = fan_in_fan_out or layer.is_conv1d
         if not ranks:
             raise ValueError(f"Expert {e} of adapter {adapter_name!r} is zero in every layer.")
-        r = max(ranks.values())
-        config = LoraConfig(
-            r=r,
-            lora_alpha=r,
-            target_modules=sorted(ranks),
-            rank_pattern={k: v for k, v in ranks.items() if v != r},
-            alpha_pattern={k: v for k, v in ranks.items() if v != r},
-            fan_in_fan_out=fan_in_fan_out,
-            base_model_name_or_path=source_config.base_model_name_or_path,
-            task_type=source_config.task_type,
-        )
+        config = lora_config_for(ranks, fan_in_fan_out, source_config)
         adapters.append(LoraAdapter(config, tensors, errors))
     return adapters
