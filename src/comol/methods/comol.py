@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from comol import kernels
-from comol.mixture import MixtureLayer, MixtureModel, RoutedMixtureConfig, register_method, routing
+from comol.mixture import MixtureLayer, MixtureModel, RoutedMixtureConfig, register_method
 from comol.mixture.init import init_lora_pair_, kaiming_linear_
 from comol.mixture.registration import ComolPeftType
 
@@ -93,12 +93,9 @@ class CoMoLLayer(MixtureLayer):
 
     def route(self, adapter_name: str, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Gates ``(..., E)`` (dtype of ``z``) for input ``x (..., d_in)`` with codes ``z (..., r)``."""
-        config: CoMoLConfig = self.adapter_config[adapter_name]
-        logits = self.comol_router[adapter_name](z if config.core_router else x)  # (..., E)
-        probs = routing.softmax_f32(logits)  # (..., E) float32
-        gates = probs if config.router_top_k is None else routing.top_k_gates(probs, config.router_top_k)
-        self.observe_routing(adapter_name, probs, gates, aux_loss_coef=config.aux_loss_coef)
-        return gates.to(z.dtype)
+        routed = z if self.adapter_config[adapter_name].core_router else x
+        logits = self.comol_router[adapter_name](routed)  # (..., E)
+        return self.gates_from_logits(adapter_name, logits, routed).to(z.dtype)
 
     def implementation_names(self) -> list[str]:
         return kernels.core_mix_names()

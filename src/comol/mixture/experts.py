@@ -30,7 +30,6 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from comol.mixture import routing
 from comol.mixture.config import RoutedMixtureConfig
 from comol.mixture.init import init_lora_pair_
 from comol.mixture.layer import MixtureLayer
@@ -147,14 +146,6 @@ class LoRAExpertsLayer(MixtureLayer):
         """``E`` for this layer (default: ``config.num_experts``)."""
         return config.num_experts
 
-    def select_gates(self, adapter_name: str, probs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Gates ``(..., E)`` float32 from router ``probs (..., E)`` float32 and the routed input ``x``.
-
-        Default: soft routing, or the ``config.router_top_k`` largest gates renormalised.
-        """
-        top_k = self.adapter_config[adapter_name].router_top_k
-        return probs if top_k is None else routing.top_k_gates(probs, min(top_k, probs.shape[-1]))
-
     # --- tensors -------------------------------------------------------------------------------------
     def create_adapter(self, adapter_name: str, config: RoutedMixtureConfig) -> None:
         r, num_experts = config.r, self.num_experts(config)
@@ -178,16 +169,12 @@ class LoRAExpertsLayer(MixtureLayer):
             ``(..., E)`` for token-level routing; ``(..., E)`` over the leading (example) dimensions of
             ``x (..., T, d_in)`` for instance-level routing.
         """
-        config: RoutedMixtureConfig = self.adapter_config[adapter_name]
         mask = self.context.token_mask(x.shape[:-1])  # (...) or None
         if self.routing_level == "instance":
             x = masked_mean(x, mask)  # (..., d_in): one representation per example
             mask = None
         logits = self.part("router")[adapter_name](x)  # (..., E)
-        probs = routing.softmax_f32(logits)  # (..., E) float32
-        gates = self.select_gates(adapter_name, probs, x)  # (..., E) float32
-        self.observe_routing(adapter_name, probs, gates, mask=mask, aux_loss_coef=config.aux_loss_coef)
-        return gates.to(x.dtype)
+        return self.gates_from_logits(adapter_name, logits, x, mask=mask).to(x.dtype)
 
     def adapter_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """``(..., d_in) -> (..., d_out)``: the routed mixture of experts, times ``alpha / r``."""

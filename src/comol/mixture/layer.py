@@ -31,6 +31,7 @@ from peft.tuners.tuners_utils import _get_in_out_features, check_adapters_to_mer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from comol.mixture import routing
 from comol.mixture.adapters import AdapterContainers
 from comol.mixture.observe import RoutingContext
 
@@ -142,6 +143,33 @@ class MixtureLayer(nn.Module, AdapterContainers):
         Called once per ``(name, device, dtype)``; :meth:`implementation_for` caches the result.
         """
         return name
+
+    def select_gates(self, adapter_name: str, probs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Gates ``(..., E)`` float32 from router ``probs (..., E)`` float32 and the routed input ``x``.
+
+        Default: soft routing, or the ``config.router_top_k`` largest gates renormalised. A method overrides
+        it to sparsify or reweight differently (AdaMoLE's learned threshold).
+        """
+        top_k = getattr(self.adapter_config[adapter_name], "router_top_k", None)
+        return probs if top_k is None else routing.top_k_gates(probs, min(top_k, probs.shape[-1]))
+
+    def gates_from_logits(
+        self, adapter_name: str, logits: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The routing body every routed method shares: ``logits (..., E)`` -> float32 softmax ->
+        :meth:`select_gates` -> reported to observers (statistics, balancing loss) -> gates ``(..., E)`` float32.
+
+        Args:
+            adapter_name: which adapter routes.
+            logits: ``(..., E)`` router scores.
+            x: ``(..., k)`` the router's input (passed to :meth:`select_gates`).
+            mask: ``(...)`` bool token mask, or None to take it from the routing context.
+        """
+        probs = routing.softmax_f32(logits)  # (..., E) float32
+        gates = self.select_gates(adapter_name, probs, x)  # (..., E) float32
+        aux_loss_coef = getattr(self.adapter_config[adapter_name], "aux_loss_coef", 0.0)
+        self.observe_routing(adapter_name, probs, gates, mask=mask, aux_loss_coef=aux_loss_coef)
+        return gates
 
     def after_optimizer_step(self, adapter_name: str) -> None:
         """Non-gradient state updates after each optimizer step (e.g. FlyLoRA's balancing bias). Default: none."""
