@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen3Config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,3 +49,14 @@ def randomize_adapter(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -
                 param.copy_(
                     torch.randn(param.shape, generator=gen, dtype=torch.float64).to(param.dtype) * std
                 )
+
+
+class Wrapper(nn.Module):
+    """One ``proj: Linear(d_in, d_out)``: the smallest model a layer-level test adapts (target ``"proj"``)."""
+
+    def __init__(self, d_in: int = 12, d_out: int = 10, bias: bool = False) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)

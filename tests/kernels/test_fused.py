@@ -11,6 +11,8 @@ import comol
 from comol import kernels
 from comol.bench.memory import saved_tensor_bytes
 
+from conftest import Wrapper
+
 
 def _inputs(n: int = 6, r: int = 4, num_experts: int = 3, k: int = 5, dtype: torch.dtype = torch.float64):
     gen = torch.Generator().manual_seed(0)
@@ -128,21 +130,12 @@ def test_branch_skips_the_input_gradient_nobody_needs() -> None:
     assert x.grad is None and lora_A.grad is not None and w.grad is not None
 
 
-class _Proj(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(16, 12)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
 def _model(kernel: str, **options) -> nn.Module:
     torch.manual_seed(0)
     config = comol.CoMoLConfig(
         r=4, lora_alpha=8, num_experts=3, target_modules=["proj"], init_weights=False, **options
     )
-    model = get_peft_model(_Proj(), config)
+    model = get_peft_model(Wrapper(16, 12, bias=True), config)
     model.base_model.set_implementation(kernel)
     return model
 
@@ -241,7 +234,7 @@ def test_set_implementation_checks_names_and_takes_effect_after_a_forward() -> N
     with pytest.raises(ValueError, match="unknown implementation 'nope'"):
         model.base_model.set_implementation("nope")
     molora = get_peft_model(
-        _Proj(), comol.build_config("molora", r=4, num_experts=2, target_modules=["proj"])
+        Wrapper(16, 12, bias=True), comol.build_config("molora", r=4, num_experts=2, target_modules=["proj"])
     )
     with pytest.raises(ValueError, match=r"choose one of \['auto', 'eager'\]"):
         molora.base_model.set_implementation("fused")

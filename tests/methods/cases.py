@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from peft import PeftModel, get_peft_model
-from torch import nn
 
 from comol.methods import build_config
 
@@ -39,17 +38,6 @@ def adapted(
     if randomize:
         randomize_adapter(model, seed=seed, std=std)
     return model
-
-
-class Wrapper(nn.Module):
-    """One ``proj: Linear(d_in, d_out)``: the smallest model a layer-level test adapts (target ``"proj"``)."""
-
-    def __init__(self, d_in: int = 12, d_out: int = 10, bias: bool = False) -> None:
-        super().__init__()
-        self.proj = nn.Linear(d_in, d_out, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from comol import CoMoLConfig
 from comol.mixture import mixture_layers
 
 import naive
-from conftest import VOCAB, randomize_adapter, tiny_model
+from conftest import VOCAB, Wrapper, randomize_adapter, tiny_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
 
@@ -26,15 +26,6 @@ def llama_comol(dtype: torch.dtype = torch.float32, base: nn.Module | None = Non
     """The tests' default CoMoL adapter (r=4, alpha=8, 3 experts, the paper's targets) on a tiny Llama."""
     config = CoMoLConfig(r=4, lora_alpha=8, num_experts=3, target_modules=TARGETS)
     return get_peft_model(base if base is not None else tiny_model("llama", dtype=dtype), config)
-
-
-class Wrapper(nn.Module):
-    def __init__(self, d_in: int = 12, d_out: int = 10) -> None:
-        super().__init__()
-        self.proj = nn.Linear(d_in, d_out, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
 
 
 def comol_layer(core_router: bool = True, top_k: int | None = None, dtype=torch.float64, **kw):

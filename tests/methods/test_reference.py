@@ -11,8 +11,8 @@ from comol.methods import build_config
 from comol.mixture import mixture_layers
 
 import naive
-from cases import TARGETS, Wrapper
-from conftest import randomize_adapter, tiny_model
+from cases import TARGETS
+from conftest import Wrapper, randomize_adapter, tiny_model
 
 # (method, config options, naive reference). Routed methods get E = 3 experts; FlyLoRA and DenseLoRA have
 # no router (and no ``num_experts``).
