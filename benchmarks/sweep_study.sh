@@ -32,7 +32,7 @@ python -m comol sweep \
   "model.name_or_path=$MODEL" "model.gguf_file=$GGUF" model.dtype=fp32 \
   "data.train=$OUT/data/train.json" data.max_length=128 data.val_size=0 \
   "train.max_steps=$STEPS" train.micro_batch_size=8 train.gradient_accumulation_steps=1 \
-  train.learning_rate=2e-3 train.lr_scheduler=constant_with_warmup train.warmup_steps=2 \
+  train.optim=adamw_torch train.learning_rate=2e-3 train.lr_scheduler=constant_with_warmup train.warmup_steps=2 \
   train.logging_steps=4 "train.save_steps=$STEPS" train.save_total_limit=1 "train.report_to=[]" \
   train.disable_tqdm=true \
   --seeds $SEEDS --base --eval math --data "arith=$OUT/data/test.json" \

@@ -78,6 +78,10 @@ def _eager_branch(x, lora_A, w, cores, lora_B, scaling, core_router, router_x=No
 ROUTINGS = pytest.mark.parametrize("routing", ["core", "input", "input, dropout"])
 # Up to 64 tokens, and for E > r, the mixing merges cores per token; beyond, it contracts (g ⊗ z).
 ORDERS = pytest.mark.parametrize("n", [6, 80], ids=["merged", "outer"])
+# From 256 tokens with fewer than 16 experts, the CPU softmax (and its backward) runs over the token axis.
+ORDERS_AND_SOFTMAX = pytest.mark.parametrize(
+    "n", [6, 80, 300], ids=["merged", "outer", "outer, token-axis softmax"]
+)
 
 
 def _branch_inputs(n: int, routing: str, num_experts: int = 3):
@@ -92,7 +96,7 @@ def _branch_inputs(n: int, routing: str, num_experts: int = 3):
     return x, t(4, 5), w, t(num_experts, 4, 4), t(6, 4), 1.7, core_router, router_x
 
 
-@ORDERS
+@ORDERS_AND_SOFTMAX
 @ROUTINGS
 @pytest.mark.parametrize("num_experts", [3, 7], ids=["E<=r", "E>r"])
 def test_branch_matches_eager_float64(n: int, routing: str, num_experts: int) -> None:

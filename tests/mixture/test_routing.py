@@ -56,3 +56,15 @@ def test_load_balancing_loss_gradient_flows_through_probs_only() -> None:
     fresh = torch.softmax(logits, dim=-1)
     expected = torch.autograd.grad((4 * frac * fresh.mean(0)).sum(), logits)[0]
     torch.testing.assert_close(logits.grad, expected)
+
+
+@pytest.mark.parametrize("tokens", [3, 255, 256, 1000])
+@pytest.mark.parametrize("num_experts", [4, 15, 16, 64])
+def test_softmax_f32_either_axis_matches_the_plain_softmax(tokens: int, num_experts: int) -> None:
+    """Few experts and many tokens take the token-axis softmax on CPU; the values are the same either way."""
+    logits = torch.randn(tokens, num_experts, dtype=torch.bfloat16)
+    probs = routing.softmax_f32(logits)
+    assert probs.dtype == torch.float32
+    assert routing.few_experts_on_cpu(logits.float()) == (num_experts < 16 and tokens >= 256)
+    torch.testing.assert_close(probs, torch.softmax(logits.float(), dim=-1), rtol=1e-6, atol=1e-7)
+    assert routing.softmax_f32(logits.double()).dtype == torch.float64

@@ -227,8 +227,9 @@ def markdown(result: dict[str, Any], plots: list[str]) -> str:
     ))  # fmt: skip
     models = result.get("models", [])
     if models:
-        out += ["", "## Model level", "", "Training step (forward, backward, AdamW) and greedy decoding with the KV "
-                "cache; decode time per token = (time for n new tokens - time for 1) / (n - 1).", ""]  # fmt: skip
+        out += ["", "## Model level", "", "Training step (forward, backward, fused AdamW, the optimiser transformers' "
+                "Trainer uses by default) and greedy decoding with the KV cache; decode time per token = (time for "
+                "n new tokens - time for 1) / (n - 1).", ""]  # fmt: skip
         train = [m for m in models if m["kind"] in ("train", "train-compiled")]
         out.append(_table(
             ["model", "variant", "batch x seq", "step ms", "tokens/s", "saved MiB", "peak MiB", "trainable"],

@@ -48,34 +48,52 @@ def _mix(z: torch.Tensor, gates: torch.Tensor, cores: torch.Tensor) -> torch.Ten
     - ``E > r``, or few tokens (decoding): each token's merged core ``g @ M`` ``(N, r, r)``, then a batched
       product with ``z`` (temporary ``(N, r^2)``, independent of ``E``; no copy of the cores, fewer ops).
     """
+    return _mix_parts(z, gates, cores)[0]
+
+
+def _mix_parts(
+    z: torch.Tensor, gates: torch.Tensor, cores: torch.Tensor
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """:func:`_mix` and its temporaries, which :func:`_mix_backward` reuses when backward recomputes the mix:
+    ``(merged (N, r, r),)`` in the merged order, ``(outer (N, E r), C (E r, r))`` in the outer-product order."""
     num_experts, r_out, r_in = cores.shape
     if _merged_order(z.shape[0], num_experts, r_in):
         merged = (gates @ cores.reshape(num_experts, r_out * r_in)).view(-1, r_out, r_in)  # (N, r, r)
-        return torch.bmm(merged, z.unsqueeze(2)).squeeze(2)
+        return torch.bmm(merged, z.unsqueeze(2)).squeeze(2), (merged,)
     outer = (gates.unsqueeze(2) * z.unsqueeze(1)).reshape(z.shape[0], num_experts * r_in)  # (N, E*r_in)
-    return outer @ cores.transpose(1, 2).reshape(num_experts * r_in, r_out)
+    stacked = cores.transpose(1, 2).reshape(num_experts * r_in, r_out)  # C[(e, i), o] = M_e[o, i]
+    return outer @ stacked, (outer, stacked)
 
 
 def _mix_backward(
-    z: torch.Tensor, gates: torch.Tensor, cores: torch.Tensor, grad_m: torch.Tensor
+    z: torch.Tensor,
+    gates: torch.Tensor,
+    cores: torch.Tensor,
+    grad_m: torch.Tensor,
+    parts: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``_mix`` w.r.t. ``z (N, r)``, ``gates (N, E)``, ``cores (E, r, r)``."""
+    """Gradients of ``_mix`` w.r.t. ``z (N, r)``, ``gates (N, E)``, ``cores (E, r, r)``; ``parts``: the
+    temporaries of :func:`_mix_parts` for the same inputs, if backward has them (else recomputed)."""
     num_experts, r_out, r_in = cores.shape
     n = z.shape[0]
-    if _merged_order(n, num_experts, r_in):  # the merged-core order, recomputed
+    if _merged_order(n, num_experts, r_in):  # the merged-core order
         flat_cores = cores.reshape(num_experts, r_out * r_in)  # (E, r*r)
-        merged = (gates @ flat_cores).view(n, r_out, r_in)  # (N, r, r)
+        merged = (gates @ flat_cores).view(n, r_out, r_in) if parts is None else parts[0]  # (N, r, r)
         grad_z = (merged * grad_m.unsqueeze(2)).sum(1)  # (N, r_in): merged^T dm (faster than a tiny bmm)
         grad_merged = (grad_m.unsqueeze(2) * z.unsqueeze(1)).reshape(n, r_out * r_in)  # (N, r*r)
         grad_gates = grad_merged @ flat_cores.t()  # (N, E)
         grad_cores = (gates.t() @ grad_merged).view(num_experts, r_out, r_in)  # (E, r_out, r_in)
         return grad_z, grad_gates, grad_cores
-    # (N, E, r_in): M_e^T dm per expert, one matmul over the stacked cores
-    back = (grad_m @ cores.permute(1, 0, 2).reshape(r_out, num_experts * r_in)).view(n, num_experts, r_in)
+    if parts is None:
+        outer = (gates.unsqueeze(2) * z.unsqueeze(1)).reshape(n, num_experts * r_in)  # (N, E*r_in)
+        stacked = cores.transpose(1, 2).reshape(num_experts * r_in, r_out)  # (E*r_in, r_out)
+    else:
+        outer, stacked = parts
+    back = (grad_m @ stacked.t()).view(n, num_experts, r_in)  # (N, E, r_in): M_e^T dm per expert
     grad_z = (gates.unsqueeze(2) * back).sum(1)  # (N, r_in); products and sums beat N tiny bmm's on CPU
     grad_gates = (back * z.unsqueeze(1)).sum(2)  # (N, E)
-    weighted = (gates.unsqueeze(2) * grad_m.unsqueeze(1)).reshape(n, num_experts * r_out)  # (N, E*r_out)
-    grad_cores = (weighted.t() @ z).view(num_experts, r_out, r_in)  # (E, r_out, r_in)
+    grad_stacked = outer.t() @ grad_m  # (E*r_in, r_out): dL/dC
+    grad_cores = grad_stacked.view(num_experts, r_in, r_out).transpose(1, 2)  # (E, r_out, r_in)
     return grad_z, grad_gates, grad_cores
 
 
@@ -297,10 +315,10 @@ class _CoMoLBranch(torch.autograd.Function):
         probs = softmax_f32(logits)  # (N, E) float32
         gates = probs.to(z.dtype)
         grad_delta = grad_delta.to(z.dtype)
-        mixed = _mix(z, gates, cores)  # (N, r), recomputed
+        mixed, parts = _mix_parts(z, gates, cores)  # (N, r), recomputed
         grad_B = (grad_delta.t() @ mixed).mul_(s)  # (d_out, r)
         grad_mixed = (grad_delta @ lora_B).mul_(s)  # (N, r)
-        grad_z, grad_gates, grad_cores = _mix_backward(z, gates, cores, grad_mixed)
+        grad_z, grad_gates, grad_cores = _mix_backward(z, gates, cores, grad_mixed, parts)
         grad_logits = _softmax_backward(grad_gates.to(probs.dtype), probs)
         grad_logits = grad_logits.to(logits.dtype)  # (N, E)
         grad_x = grad_router_x = None
@@ -352,12 +370,16 @@ def comol_branch_fused(
         ``delta (..., d_out)`` in ``x``'s dtype and the router ``probs (..., E)`` float32 (detached).
     """
     lead = x.shape[:-1]
-    xf = _flat(x)
+    xf = x if x.dim() == 2 else _flat(x)
     ru = None if router_x is None else _flat(router_x)
     args = (xf, ru, lora_A, router_weight, cores, lora_B, scaling, core_router)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6]):
+    if not torch.is_grad_enabled():  # inference (decoding): same maths, no autograd node
+        delta, probs = _branch_forward(*args)[:2]
+    elif any(t is not None and t.requires_grad for t in args[:6]):
         delta, probs = _CoMoLBranch.apply(*args)
-    else:  # inference: same maths, no autograd node
+    else:
         with torch.no_grad():
             delta, probs = _branch_forward(*args)[:2]
+    if x.dim() == 2:
+        return delta, probs
     return delta.view(*lead, lora_B.shape[0]), probs.view(*lead, cores.shape[0])

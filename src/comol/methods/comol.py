@@ -107,8 +107,8 @@ class CoMoLLayer(MixtureLayer):
         """``(..., d_in) -> (..., d_out)``: ``(alpha/r) B (sum_e g_e M_e) A dropout(x)``."""
         impl: kernels.CoreMixImplementation = self.implementation_for(x)
         config: CoMoLConfig = self.adapter_config[adapter_name]
-        lora_A, router = self.comol_A[adapter_name], self.comol_router[adapter_name]
-        cores = self.comol_cores[adapter_name]
+        lora_A, lora_B = self.comol_A[adapter_name], self.comol_B[adapter_name]
+        router, cores = self.comol_router[adapter_name], self.comol_cores[adapter_name]
         fast = (
             impl.routed is not None
             and config.router_top_k is None
@@ -116,18 +116,12 @@ class CoMoLLayer(MixtureLayer):
             and not (config.aux_loss_coef > 0 and self.training)  # the balancing loss needs probs' graph
         )
         dropout = self.adapter_dropout[adapter_name]
-        x_in = x if isinstance(dropout, nn.Identity) else dropout(x)  # (..., d_in)
-        if (
-            fast
-            and impl.branch is not None
-            and _plain_weight(lora_A)
-            and _plain_weight(self.comol_B[adapter_name])
-        ):
+        x_in = x if type(dropout) is nn.Identity else dropout(x)  # (..., d_in)
+        if fast and impl.branch is not None and _plain_weight(lora_A) and _plain_weight(lora_B):
             # the whole branch (A, router, softmax, mixing, B, scaling) in one operation
             delta, probs = impl.branch(
-                x_in, lora_A.weight, router.weight, cores, self.comol_B[adapter_name].weight,
-                self.scaling[adapter_name], config.core_router,
-                router_x=None if config.core_router or x_in is x else x,
+                x_in, lora_A.weight, router.weight, cores, lora_B.weight, self.scaling[adapter_name],
+                config.core_router, None if config.core_router or x_in is x else x,
             )  # fmt: skip
             if self._gate_hooks:
                 self.observe_routing(adapter_name, probs, probs)
@@ -142,7 +136,7 @@ class CoMoLLayer(MixtureLayer):
         else:
             gates = self.route(adapter_name, x, z)  # (..., E)
             mixed = impl.core_mix(z, gates, cores)  # (..., r)
-        return self.comol_B[adapter_name](mixed) * self.scaling[adapter_name]
+        return lora_B(mixed) * self.scaling[adapter_name]
 
     def fixed_gate_lora(
         self, adapter_name: str, gates: torch.Tensor | None
@@ -163,10 +157,14 @@ def _plain_weight(router: nn.Module) -> bool:
     weight is a flat shard outside its forward; a ZeRO-3 partitioned weight is an empty placeholder. Those
     go through the router's forward, which gathers the weight.
     """
+    if type(router) is not nn.Linear:
+        return False
+    parameters = router._parameters  # direct: nn.Module.__getattr__ is slow on the decoding hot path
+    weight = parameters.get("weight")
     return (
-        type(router) is nn.Linear
-        and router.bias is None
-        and tuple(router.weight.shape) == (router.out_features, router.in_features)
+        weight is not None
+        and parameters.get("bias") is None
+        and weight.shape == (router.out_features, router.in_features)
     )
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+_WIDE = (torch.float32, torch.float64)  # dtypes the softmax keeps
+
 
 def softmax_f32(logits: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dimension in at least float32 (bf16/fp16 logits are upcast; float64 stays).
@@ -22,10 +24,14 @@ def softmax_f32(logits: torch.Tensor) -> torch.Tensor:
     Returns:
         probs ``(..., E)`` in float32 (float64 for float64 logits), summing to 1 over ``E``.
     """
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if logits.dtype not in _WIDE:
+        logits = logits.float()
     if few_experts_on_cpu(logits):  # same maths, reduced along a leading dimension (see below)
         return torch.softmax(logits.movedim(-1, 0), dim=0).movedim(0, -1)
     return torch.softmax(logits, dim=-1)
+
+
+_MANY_TOKENS = 256  # below this, the transposed softmax's two extra views cost more than they save
 
 
 def few_experts_on_cpu(logits: torch.Tensor) -> bool:
@@ -33,9 +39,14 @@ def few_experts_on_cpu(logits: torch.Tensor) -> bool:
 
     PyTorch's CPU softmax vectorises along the reduced dimension: with fewer experts than a vector register
     holds, it is several times slower over the last dimension of ``(N, E)`` than over the first dimension of
-    its transpose.
+    its transpose. For a few tokens (decoding) the plain softmax is cheaper.
     """
-    return logits.device.type == "cpu" and logits.dim() > 1 and logits.shape[-1] < 16
+    return (
+        logits.shape[-1] < 16
+        and logits.dim() > 1
+        and logits.numel() >= _MANY_TOKENS * logits.shape[-1]
+        and logits.device.type == "cpu"
+    )
 
 
 def top_k_gates(probs: torch.Tensor, k: int, renormalize: bool = True) -> torch.Tensor:

@@ -355,7 +355,10 @@ class TrainingConfig:
     max_grad_norm: float = field(
         default=1.0, metadata={"help": "Gradient clipping norm; 0 disables clipping."}
     )
-    optim: str = field(default="adamw_torch", metadata={"help": "transformers optimiser name."})
+    optim: str = field(
+        default="adamw_torch_fused",
+        metadata={"help": "transformers optimiser name (default: transformers' own, torch's fused AdamW)."},
+    )
     seed: int = field(
         default=42, metadata={"help": "Seed of adapter initialisation, data order and dropout."}
     )
