@@ -154,3 +154,77 @@ def test_paper_facts_match_the_paper_text() -> None:
                 table.name,
                 label,
             )
+
+
+@pytest.mark.slow
+def test_sweep_trains_through_accelerate_launch_with_two_processes(
+    setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--launcher accelerate``: each run is trained by ``accelerate launch`` (here 2 CPU processes, gloo),
+    then loaded from its run directory and evaluated like an in-process run."""
+    from training.tiny import free_port
+
+    accelerate_config = tmp_path / "multi_cpu.yaml"
+    accelerate_config.write_text(
+        # configs/accelerate/ddp.yaml with 2 processes; without a GPU, torchrun starts 2 gloo CPU processes
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
+        f"num_processes: 2\nmachine_rank: 0\nmain_process_ip: 127.0.0.1\nmain_process_port: {free_port()}\n"
+        "mixed_precision: 'no'\nrdzv_backend: static\nsame_network: true\nuse_cpu: false\n"
+    )
+    for key, value in {
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }.items():
+        monkeypatch.setenv(key, value)
+    argv = [
+        "sweep", str(setup["lora"]), "--seeds", "0", "--eval", "math", "--data", f"arith={setup['test']}",
+        "--max-new-tokens", "4", "--batch-size", "4", "--out", str(tmp_path / "sweep"),
+        "--launcher", "accelerate", "--accelerate-config", str(accelerate_config), "train.micro_batch_size=2",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    (run,) = data["runs"]
+    assert run["status"] == "ok", run.get("error")
+    assert 0.0 <= run["metrics"]["arith"] <= 100.0 and run["params"] > 0
+    run_info = json.loads((Path(run["run_dir"]) / "run_info.json").read_text())
+    assert run_info["world_size"] == 2  # really trained by two processes
+    assert (Path(run["run_dir"]) / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_sweep_evaluates_code_with_pass_at_k(setup: dict[str, Path], tmp_path: Path) -> None:
+    """``--eval code``: HumanEval-format problems run in the sandbox; one that passes whatever the tiny model
+    writes and one that never does give pass@1 = 50% exactly, in the table as a column."""
+    # The completion lands inside a string literal that the test closes, so any completion passes the first
+    # problem; the second problem's test always fails.
+    opening, closing = "\n\n_ = '''", "'''\n\n"
+    problems = [
+        {"task_id": "T/0", "entry_point": "one", "prompt": "def one():\n    return 1" + opening,
+         "test": closing + "def check(f):\n    assert f() == 1\n", "canonical_solution": ""},
+        {"task_id": "T/1", "entry_point": "two", "prompt": "def two():\n    return 2" + opening,
+         "test": closing + "def check(f):\n    assert f() == 3\n", "canonical_solution": ""},
+    ]  # fmt: skip
+    problems_file = tmp_path / "problems.jsonl"
+    problems_file.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    argv = [
+        "sweep", str(setup["lora"]), "--seeds", "0", "--eval", "code", "--problems", str(problems_file),
+        "--max-new-tokens", "4", "--batch-size", "2", "--out", str(tmp_path / "sweep"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    (run,) = data["runs"]
+    assert run["status"] == "ok", run.get("error")
+    assert run["metrics"] == {"pass@1": 50.0}
+    assert data["aggregate"]["lora"]["metrics"]["pass@1"]["mean"] == 50.0
+    table = (tmp_path / "sweep" / "results.md").read_text()
+    assert "pass@1" in table.splitlines()[0] and "50.00" in table
+
+
+def test_sweep_takes_overrides_after_the_options_and_rejects_unknown_ones(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(_argv(setup, tmp_path / "x", "--nosuch")) == 2
+    assert "unrecognized argument(s) --nosuch" in capsys.readouterr().err
+    assert main(_argv(setup, tmp_path / "x", "adapter.nosuch=1")) == 2  # an override, checked as one
+    assert "adapter.nosuch" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

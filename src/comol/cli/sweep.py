@@ -58,7 +58,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="submitit AutoExecutor parameter (e.g. slurm_partition=gpu, timeout_min=600, folder=logs)",
     )  # fmt: skip
     parser.add_argument("--compare", choices=("paper",), help="add the paper's Tables 2-4 to results.md")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, extra_args=True)  # KEY=VALUE overrides may also follow the options
     return parser
 
 
@@ -78,8 +78,14 @@ def run(args: argparse.Namespace) -> int:
     from comol.errors import UserError
     from comol.sweep import EvalSpec, run_sweep
 
+    unknown = [i for i in args.extra_args if i.startswith("-") or "=" not in i]
+    if unknown:
+        raise UserError(
+            f"comol sweep: unrecognized argument(s) {' '.join(unknown)}; it takes CONFIG files, KEY=VALUE "
+            "overrides and the options of `comol sweep --help`."
+        )
     configs = [i for i in args.items if "=" not in i or Path(i).is_file()]
-    overrides = [i for i in args.items if i not in configs]
+    overrides = [i for i in args.items if i not in configs] + list(args.extra_args)
     if "math" in args.eval and not args.data:
         raise UserError("--eval math needs at least one --data NAME=PATH.")
     if args.data and "math" not in args.eval:
