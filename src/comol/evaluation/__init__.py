@@ -4,7 +4,7 @@
 * :mod:`comol.evaluation.code`: HumanEval problems, the unbiased pass@k estimator, scoring.
 * :mod:`comol.evaluation.sandbox`: isolated, resource-limited execution of model-written programs.
 * :mod:`comol.evaluation.generation`: model (+ adapter) loading and batched left-padded generation.
-* :mod:`comol.evaluation.io`: atomic result writes.
+* result files are written atomically with :mod:`comol.files`.
 * :mod:`comol.evaluation.runner`: whole runs (load, generate or read, score, write) behind `comol eval`.
 * :mod:`comol.evaluation.harness`: lm-evaluation-harness on a base model + comol adapter (`comol eval harness`).
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from comol.data.prompts import render_prompt
 from comol.errors import UserError
-from comol.evaluation.io import atomic_write_json, atomic_write_text
+from comol.files import atomic_write_json, atomic_write_text
 from comol.mixture.model import routers
 from comol.mixture.stats import RouterStats
 

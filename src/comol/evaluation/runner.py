@@ -3,7 +3,7 @@
 These are the functions behind ``comol eval math`` and ``comol eval code``; the command line only parses
 its arguments into them and prints what they return. Every input is read and checked before a model is
 loaded, so bad input fails in seconds with a :class:`~comol.errors.UserError` naming the file and line.
-Result files are written atomically (:mod:`comol.evaluation.io`) under ``output_dir``.
+Result files are written atomically (:mod:`comol.files`) under ``output_dir``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from comol import files
 from comol.errors import UserError
-from comol.evaluation import io
 from comol.evaluation.math import data as math_data
 from comol.evaluation.math import scoring as math_scoring
 from comol.evaluation.math import tables as math_tables
@@ -88,8 +88,8 @@ def aggregate_math(results: Sequence[PathLike], output_dir: PathLike | None = No
     """
     agg = math_tables.aggregate_runs([math_tables.load_results(p) for p in results])
     if output_dir is not None:
-        io.atomic_write_json(Path(output_dir) / "aggregate.json", agg)
-        io.atomic_write_text(Path(output_dir) / "aggregate.md", math_tables.markdown_table(agg))
+        files.atomic_write_json(Path(output_dir) / "aggregate.json", agg)
+        files.atomic_write_text(Path(output_dir) / "aggregate.md", math_tables.markdown_table(agg))
     return agg
 
 
@@ -195,15 +195,15 @@ def evaluate_math(
         logger.info("%s: %.2f%% (%d/%d)", name, 100 * score.accuracy, score.correct, score.total)
         scores.append(score)
         if output_dir is not None:
-            io.atomic_write_jsonl(Path(output_dir) / f"{name}.jsonl", score.records)
+            files.atomic_write_jsonl(Path(output_dir) / f"{name}.jsonl", score.records)
 
     summary = math_scoring.results_summary(scores)
     if len(scores) == 1:
         summary["dataset"] = scores[0].name
     summary["config"] = dict(config or {})
     if output_dir is not None:
-        io.atomic_write_json(Path(output_dir) / "results.json", summary)
-        io.atomic_write_text(Path(output_dir) / "results.md", math_tables.markdown_table(summary))
+        files.atomic_write_json(Path(output_dir) / "results.json", summary)
+        files.atomic_write_text(Path(output_dir) / "results.md", math_tables.markdown_table(summary))
     return summary
 
 
@@ -266,7 +266,7 @@ def _generate_code_samples(
 def _read_code_samples(path: PathLike, problems: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The ``{"task_id", "completion"}`` lines of a samples file, each checked (file and line in errors)."""
     records = []
-    for line, sample in io.iter_jsonl_lines(path):
+    for line, sample in files.iter_jsonl_lines(path):
         where = f"{path}:{line}"
         if "task_id" not in sample or "completion" not in sample:
             raise UserError(
@@ -351,7 +351,7 @@ def evaluate_code(
         assert model is not None
         records = _generate_code_samples(humaneval, model, n, temperature, top_p, template)
         if output_dir is not None:
-            io.atomic_write_jsonl(Path(output_dir) / "samples.jsonl", records)
+            files.atomic_write_jsonl(Path(output_dir) / "samples.jsonl", records)
 
     limits = SandboxLimits(timeout_s=timeout, cpu_s=max(1, int(timeout) + 1), memory_bytes=memory_mb << 20)
     bar = tqdm(total=len(records), desc="executing", unit="program", disable=not progress)
@@ -360,6 +360,6 @@ def evaluate_code(
     for key in sorted(k for k in summary if k.startswith("pass@")):
         logger.info("%s = %.2f%%", key, 100 * summary[key])
     if output_dir is not None:
-        io.atomic_write_jsonl(Path(output_dir) / "executions.jsonl", executions)
-        io.atomic_write_json(Path(output_dir) / "results.json", summary)
+        files.atomic_write_jsonl(Path(output_dir) / "executions.jsonl", executions)
+        files.atomic_write_json(Path(output_dir) / "results.json", summary)
     return summary

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from comol.evaluation import io
+from comol import files
 from comol.sweep.paper import PAPER_LABELS, PAPER_TABLES
 
 
@@ -124,6 +124,6 @@ def plot(data: Mapping[str, Any], path: Path) -> Path:
 
 def write_reports(out_dir: Path, data: Mapping[str, Any], compare: str | None = None) -> None:
     """``results.md`` and ``results.png`` (atomically)."""
-    io.atomic_write_text(out_dir / "results.md", markdown(data, compare))
+    files.atomic_write_text(out_dir / "results.md", markdown(data, compare))
     if any("Average" in g for g in data["aggregate"].values()):
         plot(data, out_dir / "results.png")

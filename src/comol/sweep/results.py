@@ -11,8 +11,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from comol import files
 from comol.errors import UserError
-from comol.evaluation import io
 
 RESULTS_JSON = "results.json"
 
@@ -88,5 +88,5 @@ def write_results(
     """Write ``results.json`` (runs in order, then the aggregate) atomically; return its content."""
     ordered = list(runs.values())
     data = {"settings": dict(settings), "runs": ordered, "aggregate": aggregate(ordered)}
-    io.atomic_write_json(out_dir / RESULTS_JSON, data)
+    files.atomic_write_json(out_dir / RESULTS_JSON, data)
     return data

@@ -21,6 +21,7 @@ import torch
 
 from comol.data.prompts import render_prompt
 from comol.errors import UserError
+from comol.files import read_jsonl, read_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -239,29 +240,10 @@ class CausalLMCollator:
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise UserError(
-            f"{path}: not UTF-8 text (byte {err.start}, line {line}); re-encode the file as UTF-8."
-        ) from err
     if path.suffix == ".jsonl":
-        records = []
-        for number, line_text in enumerate(text.splitlines(), start=1):
-            if not line_text.strip():
-                continue
-            try:
-                records.append(json.loads(line_text))
-            except json.JSONDecodeError as err:
-                raise UserError(
-                    f"{path}: line {number} is not valid JSON ({err.msg} at column {err.colno}); JSON Lines "
-                    f"files hold one JSON record per line."
-                ) from err
-        return records
+        return read_jsonl(path)
     try:
-        data = json.loads(text)
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as err:
         raise UserError(
             f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})."

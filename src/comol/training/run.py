@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from comol.files import atomic_write_text
 from comol.training.adapter import attach_adapter
 from comol.training.arguments import build_trainer, training_arguments
 from comol.training.config import TrainConfig
@@ -38,7 +39,6 @@ from comol.training.rundir import (
     resumed_run_info,
     run_info,
     save_adapter,
-    write_atomic,
 )
 
 if TYPE_CHECKING:
@@ -187,8 +187,8 @@ def train(
         info = run_info(state.num_processes)
         if checkpoint is not None:
             info = resumed_run_info(output_dir, info, checkpoint, changes)
-        write_atomic(output_dir / CONFIG_FILE, config.to_yaml())
-        write_atomic(output_dir / RUN_INFO_FILE, json.dumps(info, indent=2, default=str))
+        atomic_write_text(output_dir / CONFIG_FILE, config.to_yaml())
+        atomic_write_text(output_dir / RUN_INFO_FILE, json.dumps(info, indent=2, default=str))
     state.wait_for_everyone()
 
     # 5. Train.
@@ -204,7 +204,7 @@ def train(
         metrics.update(trainer.evaluate())
     adapter_dir = save_adapter(trainer, output_dir / ADAPTER_DIR)
     if state.is_main_process:
-        write_atomic(output_dir / METRICS_FILE, json.dumps(metrics, indent=2))
+        atomic_write_text(output_dir / METRICS_FILE, json.dumps(metrics, indent=2))
     logger.info("Adapter saved to %s.", adapter_dir)
     return TrainResult(
         output_dir=output_dir,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from comol.errors import UserError
-from comol.evaluation.io import iter_jsonl_lines
+from comol.files import iter_jsonl_lines
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from comol.errors import UserError
-from comol.evaluation.io import iter_jsonl_lines
 from comol.evaluation.math.answers import (
     CHOICE_DATASETS,
     DEFAULT_ABS_TOL,
@@ -19,6 +18,7 @@ from comol.evaluation.math.answers import (
     is_correct,
     parse_gold,
 )
+from comol.files import iter_jsonl_lines
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
-"""Reading and atomically writing evaluation files (JSON, JSONL, Markdown).
+"""Reading JSON Lines and atomically writing files (text, JSON, JSONL): the one implementation that training,
+evaluation and sweeps use.
 
-Every result file is written to a temporary file in the destination directory and then moved into place
+Every file comol writes is written to a temporary file in the destination directory and then moved into place
 with :func:`os.replace`, so a reader never sees a half-written file and an interrupted run never leaves
 one behind.
 """
@@ -53,27 +54,43 @@ def atomic_write_jsonl(path: str | os.PathLike[str], records: Iterable[Mapping[s
     return atomic_write_text(path, "".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in records))
 
 
+def read_utf8(path: str | os.PathLike[str]) -> str:
+    """The text of a UTF-8 file; a UserError naming the byte and line where it is not UTF-8."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise UserError(
+            f"{path}: not UTF-8 text (byte {err.start}, line {line}); re-encode the file as UTF-8."
+        ) from err
+
+
 def iter_jsonl_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line_number, object)`` for each non-blank line of a JSONL file (lines count from 1).
 
+    Lines are separated by ``\\n`` only (JSON strings may hold other Unicode line separators).
+
     Raises:
-        UserError: the file does not exist or a line is not a JSON object (the message names file and line).
+        UserError: the file does not exist, is not UTF-8, or a line is not a JSON object (the message names
+            the file and the line).
     """
-    if not Path(path).is_file():
+    path = Path(path)
+    if not path.is_file():
         raise UserError(f"{path}: no such file; check the path.")
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(
-                    f"{path}:{number}: not valid JSON ({err.msg}); write one object per line."
-                ) from err
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}.")
-            yield number, record
+    for number, line in enumerate(read_utf8(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(
+                f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}); JSON Lines files hold "
+                "one JSON object per line."
+            ) from err
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}.")
+        yield number, record
 
 
 def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
