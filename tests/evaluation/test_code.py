@@ -136,3 +136,29 @@ def test_evaluate_samples_rejects_no_samples() -> None:
         pytest.raises(ValueError, match="No samples"),
     ):
         evaluate_samples([], load_humaneval(limit=1), box)
+
+
+def test_cli_strict_isolation_refuses_before_loading_a_model(tmp_path, capsys, monkeypatch) -> None:
+    """``--isolation strict`` on a machine without a layer (here: no util-linux ``unshare``) ends in exit 2
+    naming the missing layers, before the model is loaded or anything generated."""
+    import shutil
+
+    from comol.evaluation import runner
+
+    which = shutil.which
+    monkeypatch.setattr(
+        shutil, "which", lambda name, *a, **k: None if name == "unshare" else which(name, *a, **k)
+    )
+
+    def no_load(self):
+        raise AssertionError("the model was loaded before the sandbox was checked")
+
+    monkeypatch.setattr(runner.ModelOptions, "load", no_load)
+    argv = ["eval", "code", "--model", str(tmp_path), "--limit", "1", "--no-progress"]
+    assert main([*argv, "--isolation", "strict"]) == 2
+    line = _code_error(capsys)
+    assert "isolation='strict'" in line and "namespaces" in line and "--isolation strict" in line, line
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text('{"task_id": "HumanEval/0", "completion": "    return []\\n"}\n')
+    # auto: the same machine runs the programs with the layers it has (a warning names the others)
+    assert main(["eval", "code", "--samples", str(samples), "--limit", "1", "--no-progress", "--json"]) == 0

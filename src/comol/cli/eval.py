@@ -116,6 +116,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     code_p.add_argument(
         "--memory-mb", type=_positive(int), default=2048, help="address-space limit per process"
     )
+    code_p.add_argument(
+        "--isolation",
+        default="auto",
+        choices=("auto", "strict", "none"),
+        help="sandbox policy: auto (every layer that works here, a warning naming the others), strict "
+        "(refuse unless every layer works, before any model is loaded), none (no namespaces)",
+    )
     code_p.add_argument("--limit", type=_positive(int), help="evaluate only the first N problems")
     code_p.add_argument("--output-dir", type=Path, help="where to write per-sample JSONL and results.json")
     code_p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -212,6 +219,7 @@ def run_code(args: argparse.Namespace) -> int:
         limit=args.limit,
         output_dir=args.output_dir,
         progress=not args.no_progress,
+        isolation=args.isolation,
     )
     _emit_json(summary) if args.json else sys.stdout.write(markdown_table(summary))
     return 0

@@ -42,6 +42,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--problems", help="--eval code: HumanEval-format problems file")
     parser.add_argument("--n", type=int, default=1, help="--eval code: samples per problem")
+    parser.add_argument(
+        "--isolation", default="auto", choices=("auto", "strict", "none"),
+        help="--eval code: sandbox policy (see comol eval code --help)",
+    )  # fmt: skip
     parser.add_argument("--limit", type=int, help="evaluate only the first N examples of each dataset")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -95,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         code="code" in args.eval,
         code_problems=args.problems,
         code_n=args.n,
+        code_isolation=args.isolation,
         limit=args.limit,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,

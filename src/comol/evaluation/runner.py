@@ -263,8 +263,11 @@ def _generate_code_samples(
     return samples
 
 
-def _read_code_samples(path: PathLike, problems: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The ``{"task_id", "completion"}`` lines of a samples file, each checked (file and line in errors)."""
+def _read_code_samples(
+    path: PathLike, problems: Mapping[str, Any], kept: Mapping[str, Any], limit: int | None
+) -> list[dict[str, Any]]:
+    """The ``{"task_id", "completion"}`` lines of a samples file, each checked against ``problems`` (file and
+    line in errors); with ``limit``, only those of the ``kept`` problems (an error if none is)."""
     records = []
     for line, sample in files.iter_jsonl_lines(path):
         where = f"{path}:{line}"
@@ -284,6 +287,13 @@ def _read_code_samples(path: PathLike, problems: Mapping[str, Any]) -> list[dict
         records.append(sample)
     if not records:
         raise UserError(f'{path}: no samples; write one {{"task_id", "completion"}} object per line.')
+    if limit is not None:
+        later = len(records)
+        records = [s for s in records if s["task_id"] in kept]
+        if len(records) < later:
+            logger.info("--limit %d: %d samples of later problems are not run.", limit, later - len(records))
+        if not records:
+            raise UserError(f"{path}: no sample is for the first {limit} problems (--limit {limit}).")
     return records
 
 
@@ -301,6 +311,7 @@ def evaluate_code(
     limit: int | None = None,
     output_dir: PathLike | None = None,
     progress: bool = True,
+    isolation: str = "auto",
 ) -> dict[str, Any]:
     """HumanEval pass@k of a model's completions, or of pre-generated ones (``comol eval code``).
 
@@ -319,6 +330,9 @@ def evaluate_code(
         output_dir: where to write ``samples.jsonl`` (when generating), ``executions.jsonl`` and
             ``results.json``.
         progress: show progress bars.
+        isolation: the sandbox policy (:class:`~comol.evaluation.sandbox.Sandbox`): ``"auto"`` (every layer
+            that works here, a warning naming the others), ``"strict"`` (refuse unless every layer works;
+            checked before any model is loaded) or ``"none"`` (no namespaces).
 
     Returns:
         The summary of :func:`~comol.evaluation.code.evaluate_samples` (``pass@k``, ``problems``, ...).
@@ -329,34 +343,30 @@ def evaluate_code(
     from tqdm.auto import tqdm
 
     from comol.evaluation.code import evaluate_samples, load_humaneval
-    from comol.evaluation.sandbox import Sandbox, SandboxLimits
+    from comol.evaluation.sandbox import ISOLATIONS, Sandbox, SandboxError, SandboxLimits
 
     _check_limit(limit)
     if samples is None and model is None:
         raise UserError("Give --samples to score completions, or --model to generate them.")
+    if isolation not in ISOLATIONS:
+        raise UserError(f"--isolation must be one of {', '.join(ISOLATIONS)}, got {isolation!r}.")
     every = load_humaneval(str(problems) if problems is not None else None)
     humaneval = dict(list(every.items())[:limit]) if limit is not None else every
-    if samples is not None:
-        records = _read_code_samples(samples, every)
-        if limit is not None:
-            kept = [s for s in records if s["task_id"] in humaneval]
-            if len(kept) < len(records):
-                logger.info(
-                    "--limit %d: %d samples of later problems are not run.", limit, len(records) - len(kept)
-                )
-            records = kept
-            if not records:
-                raise UserError(f"{samples}: no sample is for the first {limit} problems (--limit {limit}).")
-    else:
-        assert model is not None
-        records = _generate_code_samples(humaneval, model, n, temperature, top_p, template)
-        if output_dir is not None:
-            files.atomic_write_jsonl(Path(output_dir) / "samples.jsonl", records)
-
+    records = _read_code_samples(samples, every, humaneval, limit) if samples is not None else None
     limits = SandboxLimits(timeout_s=timeout, cpu_s=max(1, int(timeout) + 1), memory_bytes=memory_mb << 20)
-    bar = tqdm(total=len(records), desc="executing", unit="program", disable=not progress)
-    with Sandbox(limits, workers=workers) as sandbox, bar:
-        executions, summary = evaluate_samples(records, humaneval, sandbox, progress=bar.update)
+    try:  # probed before any generation: a strict policy this machine cannot meet fails first
+        sandbox = Sandbox(limits, workers=workers, isolation=isolation)  # type: ignore[arg-type]
+    except SandboxError as err:
+        raise UserError(f"{err} (comol: --isolation {isolation})") from err
+    with sandbox:
+        if records is None:
+            assert model is not None
+            records = _generate_code_samples(humaneval, model, n, temperature, top_p, template)
+            if output_dir is not None:
+                files.atomic_write_jsonl(Path(output_dir) / "samples.jsonl", records)
+        bar = tqdm(total=len(records), desc="executing", unit="program", disable=not progress)
+        with bar:
+            executions, summary = evaluate_samples(records, humaneval, sandbox, progress=bar.update)
     for key in sorted(k for k in summary if k.startswith("pass@")):
         logger.info("%s = %.2f%%", key, 100 * summary[key])
     if output_dir is not None:

