@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from comol.bench.memory import saved_tensor_bytes
@@ -60,7 +61,7 @@ def test_model_level_targets_compare_each_variant_with_lora_of_the_same_model() 
 
     def train(variant: str, seconds: float, saved: int, kind: str = "train") -> dict:
         return {"model": "m", "variant": variant, "kind": kind, "batch": 4, "seq": 8, "r": 16,
-                "median_s": seconds, "saved_bytes": saved}  # fmt: skip
+                "median_s": seconds, "saved_bytes": saved, "flops": 100 * seconds}  # fmt: skip
 
     def decode(variant: str, batch: int, seconds: float) -> dict:
         return {"model": "m", "variant": variant, "kind": "decode", "batch": batch, "per_token_s": seconds}
@@ -80,3 +81,33 @@ def test_model_level_targets_compare_each_variant_with_lora_of_the_same_model() 
         "comol E=8 / LoRA (unmerged): decode per token, batch 8": (1.2, False),
         "comol E=8 / LoRA: compiled training step (torch.compile, fullgraph)": (1.05, False),
     }
+    flops = {t["target"]: t["flops"] for t in targets(result) if t["flops"] is not None}
+    assert flops == pytest.approx({"comol E=8 / LoRA: training step": 1.02, "comol E=64 / LoRA: training step": 1.06,
+                                   "comol w/o CR E=8 / LoRA: training step": 1.07})  # fmt: skip
+
+
+def test_model_level_training_counts_flops_saved_memory_and_parameters() -> None:
+    """One tiny Llama per variant on the same weights: the FLOP count of a step orders base < LoRA < CoMoL
+    (whose router and mixing add matmuls) < CoMoL E=64, and CoMoL saves what LoRA saves."""
+    from comol.bench.config import BenchConfig
+    from comol.bench.model_level import build_model_variants, time_training
+    from comol.bench.variants import Variant
+    from training.tiny import make_tiny_model
+
+    cfg = BenchConfig(repeats=2, warmup=0)
+    variants = [Variant("base (frozen)", None, uses_experts=False), Variant("lora", "lora", uses_experts=False),
+                Variant("comol E=2", "comol", {"num_experts": 2}), Variant("comol E=64", "comol", {"num_experts": 64})]  # fmt: skip
+    models, errors = build_model_variants(
+        cfg, torch.device("cpu"), torch.float32, lambda: make_tiny_model(64), variants, r=4
+    )
+    assert not errors
+    ids = torch.randint(0, 64, (2, 16))
+    rows = time_training(cfg, torch.device("cpu"), models, ids)
+    flops = {label: row["flops"] for label, row in rows.items()}
+    assert 0 < flops["base (frozen)"] < flops["lora"] < flops["comol E=2"] < flops["comol E=64"]
+    assert rows["comol E=2"]["saved_bytes"] == rows["lora"]["saved_bytes"]
+    assert (
+        rows["comol E=64"]["trainable_params"]
+        > rows["comol E=2"]["trainable_params"]
+        > rows["lora"]["trainable_params"]
+    )

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from comol.bench.config import BenchConfig
 from comol.bench.memory import peak_device_memory, reset_peak_device_memory, saved_tensor_bytes
@@ -123,16 +124,18 @@ def time_training(
     for label, model in models.items():
         excluded = list(model.parameters()) + list(model.buffers())
         reset_peak_device_memory(device)
-        with saved_tensor_bytes(exclude=excluded) as saved:
-            loss = model(input_ids=ids, labels=ids).loss
-        if loss.requires_grad:
-            loss.backward()
+        with FlopCounterMode(display=False) as flops:  # matmul and attention FLOPs, forward + backward
+            with saved_tensor_bytes(exclude=excluded) as saved:
+                loss = model(input_ids=ids, labels=ids).loss
+            if loss.requires_grad:
+                loss.backward()
         del loss
         model.zero_grad(set_to_none=True)
         results[label] = {
             **times[label],
             "tokens_per_s": ids.numel() / times[label]["median_s"],
             "saved_bytes": saved.bytes,
+            "flops": flops.get_total_flops(),
             "peak_bytes": peak_device_memory(device),
             "trainable_params": sum(p.numel() for p in trainable(model)),
         }
