@@ -252,14 +252,19 @@ class MixtureLayer(nn.Module, AdapterContainers):
         return resolved
 
     def adapter_dtype(self, adapter_name: str) -> torch.dtype:
+        """The dtype the adapter computes in: that of its first tensor (called on every forward, so the
+        containers are read from ``_modules`` directly rather than through ``nn.Module.__getattr__``)."""
+        modules = self._modules
         for layer_name in self.adapter_layer_names:
-            container = getattr(self, layer_name)
-            if adapter_name in container:
+            container = modules.get(layer_name)
+            if container is not None and adapter_name in container:
                 item = container[adapter_name]
                 if isinstance(item, torch.Tensor):
                     tensor = item
                 else:  # a module: its weight, else its first parameter
-                    tensor = getattr(item, "weight", None)
+                    tensor = item._parameters.get("weight")
+                    if tensor is None:
+                        tensor = getattr(item, "weight", None)
                     tensor = tensor if isinstance(tensor, torch.Tensor) else next(item.parameters(), None)
                 if tensor is not None:
                     return tensor.dtype
