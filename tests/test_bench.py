@@ -81,7 +81,7 @@ def test_model_level_targets_compare_each_variant_with_lora_of_the_same_model() 
         "comol E=8 / LoRA (unmerged): decode per token, batch 8": (1.2, False),
         "comol E=8 / LoRA: compiled training step (torch.compile, fullgraph)": (1.05, False),
     }
-    flops = {t["target"]: t["flops"] for t in targets(result) if t["flops"] is not None}
+    flops = {t["target"]: t["work"] for t in targets(result) if t["work"] is not None}
     assert flops == pytest.approx({"comol E=8 / LoRA: training step": 1.02, "comol E=64 / LoRA: training step": 1.06,
                                    "comol w/o CR E=8 / LoRA: training step": 1.07})  # fmt: skip
 
@@ -111,3 +111,22 @@ def test_model_level_training_counts_flops_saved_memory_and_parameters() -> None
         > rows["comol E=2"]["trainable_params"]
         > rows["lora"]["trainable_params"]
     )
+
+
+def test_decode_op_count_orders_base_lora_comol() -> None:
+    """One cached decoding step: the adapters add ATen operations (LoRA a few per layer, CoMoL's router and
+    mixing more), the count is the same on a second call, and it does not depend on the batch."""
+    from comol.bench.config import BenchConfig
+    from comol.bench.model_level import build_model_variants, count_decode_ops
+    from comol.bench.variants import Variant
+    from training.tiny import make_tiny_model
+
+    variants = [Variant("base (frozen)", None, uses_experts=False), Variant("lora", "lora", uses_experts=False),
+                Variant("comol E=2", "comol", {"num_experts": 2})]  # fmt: skip
+    models, _ = build_model_variants(
+        BenchConfig(), torch.device("cpu"), torch.float32, lambda: make_tiny_model(64), variants, r=4
+    )
+    ops = count_decode_ops(models, 64, batch=1, seed=0)
+    assert 0 < ops["base (frozen)"] < ops["lora"] < ops["comol E=2"]
+    assert count_decode_ops(models, 64, batch=1, seed=0) == ops
+    assert count_decode_ops(models, 64, batch=3, seed=0) == ops

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from comol.bench.config import BenchConfig
@@ -210,6 +211,37 @@ def time_decoding(
     }
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen operations dispatched while active (each one a kernel launch on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_decode_ops(models: dict[str, nn.Module], vocab: int, batch: int, seed: int) -> dict[str, int]:
+    """Per model: ATen operations of one cached decoding step (one new token for ``batch`` sequences after
+    a 16-token prompt). Where a step is bound by per-operation cost (CPU dispatch, GPU launches) rather
+    than arithmetic, as in decoding at small batch, their ratio is what the time ratio approaches."""
+    gen = torch.Generator(device="cpu").manual_seed(seed + batch)
+    counts = {}
+    for label, model in models.items():
+        device = next(model.parameters()).device
+        prompt = torch.randint(0, vocab, (batch, 16), generator=gen).to(device)
+        model.eval()
+        with torch.inference_mode():
+            out = model(input_ids=prompt, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            with _OpCounter() as counter:
+                model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+        counts[label] = counter.count
+    return counts
+
+
 def bench_model(
     cfg: BenchConfig,
     device: torch.device,
@@ -237,9 +269,11 @@ def bench_model(
             rows.append({"model": name, "variant": label, "kind": "train-compiled", "batch": batch, "seq": seq,
                          "r": r, **result})  # fmt: skip
     for decode_batch in cfg.decode_batches:
+        ops = count_decode_ops(models, vocab, decode_batch, cfg.seed)
         for label, per_token in time_decoding(cfg, device, models, vocab, decode_batch).items():
             rows.append({"model": name, "variant": label, "kind": "decode", "batch": decode_batch,
-                         "new_tokens": cfg.decode_tokens, "r": r, "per_token_s": per_token})  # fmt: skip
+                         "new_tokens": cfg.decode_tokens, "r": r, "per_token_s": per_token,
+                         "ops_per_token": ops[label]})  # fmt: skip
     for label, message in errors.items():
         rows.append({"model": name, "variant": label, "kind": "error", "error": message})
     return rows
