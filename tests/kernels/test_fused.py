@@ -115,6 +115,27 @@ def test_branch_matches_eager_float64(n: int, routing: str, num_experts: int) ->
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@ORDERS_AND_SOFTMAX
+@ROUTINGS
+@pytest.mark.parametrize("num_experts", [3, 7], ids=["E<=r", "E>r"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "no input requires grad"])
+def test_branch_inference_matches_eager_float64(n: int, routing: str, num_experts: int, mode: str) -> None:
+    """Without autograd (decoding) the branch takes its own path, on the leading dimensions as given."""
+    args = _branch_inputs(n, routing, num_experts)
+    with torch.no_grad():
+        d0, p0 = _eager_branch(*args)
+    if mode == "no input requires grad":
+        detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        d1, p1 = kernels.comol_branch_fused(*detached)
+    else:
+        with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+            d1, p1 = kernels.comol_branch_fused(*args)
+    assert d1.shape == (2, n // 2, 6) and p1.shape == (2, n // 2, num_experts)
+    assert not d1.requires_grad and p1.dtype == torch.float64
+    torch.testing.assert_close(d1, d0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(p1, p0.to(p1.dtype), rtol=1e-12, atol=1e-12)
+
+
 @ORDERS
 @ROUTINGS
 def test_gradcheck_branch(n: int, routing: str) -> None:

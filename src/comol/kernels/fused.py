@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from comol.mixture.routing import few_experts_on_cpu, softmax_f32
 
@@ -271,6 +272,35 @@ def _branch_forward(
     return delta, probs, *keep
 
 
+def _branch_inference(
+    x: torch.Tensor,
+    router_x: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    router_weight: torch.Tensor,
+    cores: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    core_router: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_branch_forward` without autograd, on any leading dimensions ``(..., d_in)``, in as few
+    operations as the maths allows: at decoding sizes each operation's fixed cost (dispatch on a CPU, a kernel
+    launch on a GPU) outweighs its arithmetic. Returns ``delta (..., d_out)`` and ``probs (..., E)`` float32."""
+    num_experts, r_out, r_in = cores.shape
+    z = F.linear(x, lora_A)  # (..., r)
+    logits = F.linear(z if core_router else (x if router_x is None else router_x), router_weight)  # (..., E)
+    probs = softmax_f32(logits)  # (..., E) float32
+    gates = probs if probs.dtype == z.dtype else probs.to(z.dtype)
+    if _merged_order(z.numel() // r_in, num_experts, r_in):  # each token's merged core, then its product
+        merged = (gates @ cores.reshape(num_experts, r_out * r_in)).unflatten(
+            -1, (r_out, r_in)
+        )  # (..., r, r)
+        mixed = (merged @ z.unsqueeze(-1)).squeeze(-1)  # (..., r)
+    else:  # every expert's output, then their gate-weighted sum (no (r, r) per token)
+        experts = F.linear(z, cores.reshape(num_experts * r_out, r_in)).unflatten(-1, (num_experts, r_out))
+        mixed = (gates.unsqueeze(-2) @ experts).squeeze(-2)  # (..., r)
+    return F.linear(mixed.mul_(scaling), lora_B), probs
+
+
 class _CoMoLBranch(torch.autograd.Function):
     """``delta = s B (sum_e g_e M_e) A x`` with ``g = softmax_f32(W_g u)``, ``u = A x`` or ``x``: one node.
 
@@ -369,17 +399,15 @@ def comol_branch_fused(
     Returns:
         ``delta (..., d_out)`` in ``x``'s dtype and the router ``probs (..., E)`` float32 (detached).
     """
-    lead = x.shape[:-1]
-    xf = x if x.dim() == 2 else _flat(x)
-    ru = None if router_x is None else _flat(router_x)
-    args = (xf, ru, lora_A, router_weight, cores, lora_B, scaling, core_router)
+    args = (x, router_x, lora_A, router_weight, cores, lora_B, scaling, core_router)
     if not torch.is_grad_enabled():  # inference (decoding): same maths, no autograd node
-        delta, probs = _branch_forward(*args)[:2]
-    elif any(t is not None and t.requires_grad for t in args[:6]):
-        delta, probs = _CoMoLBranch.apply(*args)
-    else:
+        return _branch_inference(*args)
+    if not any(t is not None and t.requires_grad for t in args[:6]):
         with torch.no_grad():
-            delta, probs = _branch_forward(*args)[:2]
-    if x.dim() == 2:
-        return delta, probs
+            return _branch_inference(*args)
+    lead = x.shape[:-1]
+    ru = None if router_x is None else _flat(router_x)
+    delta, probs = _CoMoLBranch.apply(
+        _flat(x), ru, lora_A, router_weight, cores, lora_B, scaling, core_router
+    )
     return delta.view(*lead, lora_B.shape[0]), probs.view(*lead, cores.shape[0])

@@ -107,29 +107,33 @@ class CoMoLLayer(MixtureLayer):
         """``(..., d_in) -> (..., d_out)``: ``(alpha/r) B (sum_e g_e M_e) A dropout(x)``."""
         impl: kernels.CoreMixImplementation = self.implementation_for(x)
         config: CoMoLConfig = self.adapter_config[adapter_name]
-        lora_A, lora_B = self.comol_A[adapter_name], self.comol_B[adapter_name]
-        router, cores = self.comol_router[adapter_name], self.comol_cores[adapter_name]
-        fast = (
-            impl.routed is not None
+        modules = self._modules  # direct: nn.Module.__getattr__ is slow on the decoding hot path
+        lora_A, lora_B = modules["comol_A"][adapter_name], modules["comol_B"][adapter_name]
+        router, cores = modules["comol_router"][adapter_name], modules["comol_cores"][adapter_name]
+        router_weight = (
+            _plain_weight(router)
+            if impl.routed is not None
             and config.router_top_k is None
-            and _plain_weight(router)
             and not (config.aux_loss_coef > 0 and self.training)  # the balancing loss needs probs' graph
+            else None
         )
-        dropout = self.adapter_dropout[adapter_name]
+        dropout = modules["adapter_dropout"][adapter_name]
         x_in = x if type(dropout) is nn.Identity else dropout(x)  # (..., d_in)
-        if fast and impl.branch is not None and _plain_weight(lora_A) and _plain_weight(lora_B):
-            # the whole branch (A, router, softmax, mixing, B, scaling) in one operation
-            delta, probs = impl.branch(
-                x_in, lora_A.weight, router.weight, cores, lora_B.weight, self.scaling[adapter_name],
-                config.core_router, None if config.core_router or x_in is x else x,
-            )  # fmt: skip
-            if self._gate_hooks:
-                self.observe_routing(adapter_name, probs, probs)
-            return delta
+        if router_weight is not None and impl.branch is not None:
+            weight_A, weight_B = _plain_weight(lora_A), _plain_weight(lora_B)
+            if weight_A is not None and weight_B is not None:
+                # the whole branch (A, router, softmax, mixing, B, scaling) in one operation
+                delta, probs = impl.branch(
+                    x_in, weight_A, router_weight, cores, weight_B, self.scaling[adapter_name],
+                    config.core_router, None if config.core_router or x_in is x else x,
+                )  # fmt: skip
+                if self._gate_hooks:
+                    self.observe_routing(adapter_name, probs, probs)
+                return delta
         z = lora_A(x_in)  # (..., r)
-        if fast:  # router, float32 softmax and mixing in one kernel
+        if router_weight is not None:  # router, float32 softmax and mixing in one kernel
             mixed, probs = impl.routed(
-                z, z if config.core_router else x, router.weight, cores
+                z, z if config.core_router else x, router_weight, cores
             )  # (..., r), (..., E)
             if self._gate_hooks:
                 self.observe_routing(adapter_name, probs, probs)
@@ -149,23 +153,25 @@ class CoMoLLayer(MixtureLayer):
         return a, b
 
 
-def _plain_weight(router: nn.Module) -> bool:
-    """Whether the fast path may read ``router.weight`` directly instead of calling the router.
+def _plain_weight(module: nn.Module) -> torch.Tensor | None:
+    """``module``'s weight if the fast path may read it directly instead of calling the module, else None.
 
-    True for a bias-free ``nn.Linear`` whose weight is materialised with its full ``(E, in)`` shape. A router
+    That is a bias-free ``nn.Linear`` whose weight is materialised with its full ``(out, in)`` shape. A router
     wrapped as its own FSDP1 unit (peft's FSDP auto-wrap policy does that) is not an ``nn.Linear`` and its
     weight is a flat shard outside its forward; a ZeRO-3 partitioned weight is an empty placeholder. Those
-    go through the router's forward, which gathers the weight.
+    go through the module's forward, which gathers the weight.
     """
-    if type(router) is not nn.Linear:
-        return False
-    parameters = router._parameters  # direct: nn.Module.__getattr__ is slow on the decoding hot path
+    if type(module) is not nn.Linear:
+        return None
+    parameters = module._parameters  # direct: nn.Module.__getattr__ is slow on the decoding hot path
     weight = parameters.get("weight")
-    return (
-        weight is not None
-        and parameters.get("bias") is None
-        and weight.shape == (router.out_features, router.in_features)
-    )
+    if (
+        weight is None
+        or parameters.get("bias") is not None
+        or weight.shape != (module.out_features, module.in_features)
+    ):
+        return None
+    return weight
 
 
 class CoMoLModel(MixtureModel):

@@ -289,7 +289,7 @@ class MixtureLayer(nn.Module, AdapterContainers):
             if name not in self.adapter_config:
                 continue
             delta = self.adapter_forward(name, self._cast_input_dtype(x, self.adapter_dtype(name)))
-            result = result + delta.to(result_dtype)
+            result = result + (delta if delta.dtype == result_dtype else delta.to(result_dtype))
         return result
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
