@@ -163,13 +163,13 @@ def _plain_weight(module: nn.Module) -> torch.Tensor | None:
     """
     if type(module) is not nn.Linear:
         return None
-    parameters = module._parameters  # direct: nn.Module.__getattr__ is slow on the decoding hot path
-    weight = parameters.get("weight")
-    if (
-        weight is None
-        or parameters.get("bias") is not None
-        or weight.shape != (module.out_features, module.in_features)
-    ):
+    # Read through _parameters[...] (not nn.Module.__getattr__, slow on the decoding hot path, nor dict.get):
+    # DeepSpeed ZeRO-3 replaces _parameters by a mapping whose __getitem__ gathers a partitioned parameter.
+    parameters = module._parameters
+    if "weight" not in parameters or ("bias" in parameters and parameters["bias"] is not None):
+        return None
+    weight = parameters["weight"]
+    if weight is None or weight.shape != (module.out_features, module.in_features):
         return None
     return weight
 
