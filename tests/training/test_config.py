@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from comol.errors import UserError
 from comol.methods import method_names
 from comol.params import PAPER_ROWS
 from comol.training.config import describe, load_config
@@ -147,3 +148,10 @@ def test_accelerate_configs_parse(name: str) -> None:
     data = yaml.safe_load((REPO / "configs" / "accelerate" / f"{name}.yaml").read_text())
     assert data["distributed_type"] in {"MULTI_GPU", "FSDP", "DEEPSPEED"}
     assert data["num_processes"] >= 1
+
+
+def test_config_file_that_is_not_utf8_is_named_with_byte_and_line(tmp_path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"model:\n  name_or_path: caf\xe9\n")
+    with pytest.raises(UserError, match=r"run\.yaml: not UTF-8 text \(byte 26, line 2\); re-encode"):
+        load_config(path)

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from comol.errors import UserError
+from comol.files import read_utf8
 
 BASE_KEY = "base"
 
@@ -35,12 +36,9 @@ def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise UserError(f"Config files include each other in a cycle: {[str(p) for p in (*_seen, path)]}")
     if not path.is_file():
         raise UserError(f"Config file {path} does not exist.")
+    text = read_utf8(path)  # a UserError naming the byte and line where it is not UTF-8
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as err:
-        raise UserError(
-            f"Config file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8."
-        ) from err
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise UserError(f"Config file {path}: {_yaml_problem(err)}; fix the YAML syntax there.") from err
     if not isinstance(data, dict):
