@@ -162,3 +162,10 @@ def test_cli_strict_isolation_refuses_before_loading_a_model(tmp_path, capsys, m
     samples.write_text('{"task_id": "HumanEval/0", "completion": "    return []\\n"}\n')
     # auto: the same machine runs the programs with the layers it has (a warning names the others)
     assert main(["eval", "code", "--samples", str(samples), "--limit", "1", "--no-progress", "--json"]) == 0
+
+
+def test_cli_isolation_choices_are_the_sandbox_policies() -> None:
+    from comol.cli.eval import ISOLATION_CHOICES
+    from comol.evaluation.sandbox import ISOLATIONS
+
+    assert ISOLATION_CHOICES == ISOLATIONS

@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# comol.evaluation.sandbox.ISOLATIONS (a test keeps them equal), not imported: the parser is built at start-up
+ISOLATION_CHOICES = ("auto", "strict", "none")
+
 
 def _positive(kind: type) -> Any:
     """An argparse type: a ``kind`` (int or float) greater than 0."""
@@ -119,7 +122,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     code_p.add_argument(
         "--isolation",
         default="auto",
-        choices=("auto", "strict", "none"),
+        choices=ISOLATION_CHOICES,
         help="sandbox policy: auto (every layer that works here, a warning naming the others), strict "
         "(refuse unless every layer works, before any model is loaded), none (no namespaces)",
     )

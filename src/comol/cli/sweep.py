@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from comol.cli.eval import ISOLATION_CHOICES
+
 logger = logging.getLogger(__name__)
 
 
@@ -43,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--problems", help="--eval code: HumanEval-format problems file")
     parser.add_argument("--n", type=int, default=1, help="--eval code: samples per problem")
     parser.add_argument(
-        "--isolation", default="auto", choices=("auto", "strict", "none"),
+        "--isolation", default="auto", choices=ISOLATION_CHOICES,
         help="--eval code: sandbox policy (see comol eval code --help)",
     )  # fmt: skip
     parser.add_argument("--limit", type=int, help="evaluate only the first N examples of each dataset")
