@@ -157,9 +157,8 @@ def test_branch_skips_the_input_gradient_nobody_needs() -> None:
 
 def _model(kernel: str, **options) -> nn.Module:
     torch.manual_seed(0)
-    config = comol.CoMoLConfig(
-        r=4, lora_alpha=8, num_experts=3, target_modules=["proj"], init_weights=False, **options
-    )
+    options = {"num_experts": 3, **options}
+    config = comol.CoMoLConfig(r=4, lora_alpha=8, target_modules=["proj"], init_weights=False, **options)
     model = get_peft_model(Wrapper(16, 12, bias=True), config)
     model.base_model.set_implementation(kernel)
     return model
@@ -263,3 +262,126 @@ def test_set_implementation_checks_names_and_takes_effect_after_a_forward() -> N
     )
     with pytest.raises(ValueError, match=r"choose one of \['auto', 'eager'\]"):
         molora.base_model.set_implementation("fused")
+
+
+# --- the weights kept for inference (MixtureLayer.inference_weights) ---------------------------------------
+def _eval_pair(**options) -> tuple[nn.Module, nn.Module]:
+    """The same float64 CoMoL adapter twice, eager (the reference) and fused, both in eval mode."""
+    eager, fused = (_model(kernel, **options).double().eval() for kernel in ("eager", "fused"))
+    fused.load_state_dict(eager.state_dict())
+    return eager, fused
+
+
+def _layer(model: nn.Module) -> comol.mixture.MixtureLayer:
+    return next(iter(comol.mixture.mixture_layers(model).values()))
+
+
+def _count_builds(layer: comol.mixture.MixtureLayer, monkeypatch) -> list[int]:
+    builds: list[int] = []
+    original = layer.inference_weights
+
+    def counting(name, sources, build):
+        return original(name, sources, lambda: builds.append(1) or build())
+
+    monkeypatch.setattr(layer, "inference_weights", counting)
+    return builds
+
+
+INFERENCE_OPTIONS = pytest.mark.parametrize(
+    "options", [{}, {"core_router": False}, {"num_experts": 7}], ids=["core", "input", "E>r"]
+)
+
+
+@INFERENCE_OPTIONS
+def test_kept_inference_weights_are_built_once_and_follow_in_place_changes(
+    options: dict, monkeypatch
+) -> None:
+    """Without grad in eval mode the fused path lays the weights out once and keeps them; an in-place change of
+    any weight (an optimizer step, ``load_state_dict``) is seen through its version counter."""
+    eager, fused = _eval_pair(**options)
+    builds = _count_builds(_layer(fused), monkeypatch)
+    x = torch.randn(3, 4, 16, dtype=torch.float64)
+
+    def check() -> None:
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), eager(x))
+
+    check()
+    check()
+    with torch.inference_mode():
+        fused(x)
+    assert len(builds) == 1
+    for part in ("comol_A", "comol_router", "comol_B"):  # one weight at a time, in place, still in eval mode
+        with torch.no_grad():
+            for model in (eager, fused):
+                getattr(_layer(model), part)["default"].weight.mul_(1.5)
+        check()
+    with torch.no_grad():
+        for model in (eager, fused):
+            _layer(model).comol_cores["default"].add_(0.5)
+    check()
+    assert len(builds) == 5
+    state = {k: v + 0.1 for k, v in eager.state_dict().items()}
+    eager.load_state_dict(state)
+    fused.load_state_dict(state)
+    check()
+    assert len(builds) == 6
+
+
+@INFERENCE_OPTIONS
+def test_kept_inference_weights_follow_moves_modes_and_new_adapters(options: dict, monkeypatch) -> None:
+    """A dtype move, a new adapter under the same name and a round trip through training mode (where nothing
+    is kept, and an optimizer step happens) all give the eager result afterwards."""
+    eager, fused = _eval_pair(**options)
+    layer = _layer(fused)
+    builds = _count_builds(layer, monkeypatch)
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        fused(x)
+    assert layer._inference_weights
+    fused.train()  # leaving eval mode drops what was kept
+    assert not layer._inference_weights
+    for model in (eager, fused):
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        model(x).square().sum().backward()
+        torch.optim.SGD(params, lr=0.1).step()
+    with torch.no_grad():
+        fused(x)  # training mode without grad: the branch runs, nothing is kept
+    assert not layer._inference_weights
+    for model in (eager, fused):
+        model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), eager(x))
+        eager.float()
+        fused.float()
+        torch.testing.assert_close(fused(x.float()), eager(x.float()))
+    config = comol.CoMoLConfig(r=4, lora_alpha=8, target_modules=["proj"], init_weights=False, **options)
+    for model in (eager, fused):
+        model.add_adapter("second", config)
+        model.set_adapter("second")
+        model.float().eval()
+    fused.load_state_dict(eager.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x.float()), eager(x.float()))
+    # built for: the first call, the call in training mode (not kept), float64 after the step, float32, "second"
+    assert len(builds) == 5
+
+
+def test_kept_inference_weights_dropped_with_their_adapter() -> None:
+    _, fused = _eval_pair()
+    config = comol.CoMoLConfig(r=4, lora_alpha=8, target_modules=["proj"], init_weights=False)
+    fused.add_adapter("other", config)
+    fused.set_adapter("other")
+    fused.double().eval()
+    with torch.no_grad():
+        fused(torch.randn(2, 16, dtype=torch.float64))
+    assert set(_layer(fused)._inference_weights) == {"other"}
+    fused.base_model.delete_adapter("other")
+    assert not _layer(fused)._inference_weights
+
+
+def test_register_core_mix_takes_the_inference_pair_together() -> None:
+    with pytest.raises(ValueError, match="registered together"):
+        kernels.register_core_mix("half", kernels.core_mix_fused, prepare_inference=kernels.prepare_inference)
+    assert "half" not in kernels.core_mix_names()

@@ -15,7 +15,14 @@ weight ``[out, in]``; result ``(..., r)``.
 """
 
 from comol.kernels.eager import core_mix_eager, core_mix_stacked, routed_core_mix_eager
-from comol.kernels.fused import comol_branch_fused, core_mix_fused, routed_core_mix_fused
+from comol.kernels.fused import (
+    InferenceWeights,
+    branch_inference,
+    comol_branch_fused,
+    core_mix_fused,
+    prepare_inference,
+    routed_core_mix_fused,
+)
 from comol.kernels.registry import (
     CoreMixImplementation,
     check_core_mix_name,
@@ -30,6 +37,8 @@ from comol.kernels.registry import (
 
 __all__ = [
     "CoreMixImplementation",
+    "InferenceWeights",
+    "branch_inference",
     "check_core_mix_name",
     "comol_branch_fused",
     "core_mix",
@@ -39,6 +48,7 @@ __all__ = [
     "core_mix_names",
     "core_mix_stacked",
     "get_core_mix",
+    "prepare_inference",
     "register_core_mix",
     "resolve_core_mix",
     "routed_core_mix",

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -272,33 +272,86 @@ def _branch_forward(
     return delta, probs, *keep
 
 
-def _branch_inference(
-    x: torch.Tensor,
-    router_x: torch.Tensor | None,
+class InferenceWeights(NamedTuple):
+    """CoMoL's adapter weights laid out once for inference (:func:`prepare_inference`), so that a decoding step
+    runs the fewest operations: the scaling is folded into the cores and, for input routing, the router into
+    ``A``'s matmul.
+
+    Attributes:
+        lora_in: ``(r, d_in)``, ``A``, for core-space routing (folding ``W_g A`` in would read ``E d_in`` more
+            weights per token to save one small matmul); ``(r + E, d_in)``, ``[A; W_g]``, for input routing: one
+            matmul gives ``z`` and the router logits.
+        router_weight: ``(E, k)``, ``W_g``.
+        mixing: ``s * cores`` as one matrix: ``(E r_in, r_out)`` with ``C[(e, i), o] = M_e[o, i]`` when
+            ``E <= r`` (the outer-product order), else ``(E, r_out r_in)``, mixed by the gates into each token's
+            core (a temporary of ``r^2`` per token whatever ``E`` is).
+        lora_B: ``(d_out, r)``.
+    """
+
+    lora_in: torch.Tensor
+    router_weight: torch.Tensor
+    mixing: torch.Tensor
+    lora_B: torch.Tensor
+
+
+def prepare_inference(
     lora_A: torch.Tensor,
     router_weight: torch.Tensor,
     cores: torch.Tensor,
     lora_B: torch.Tensor,
     scaling: float,
     core_router: bool,
+) -> InferenceWeights:
+    """:class:`InferenceWeights` for the weights of one adapter (shapes as :func:`comol_branch_fused`).
+
+    The scaled cores are computed in at least float32 and stored in the cores' dtype. Nothing here needs grad.
+    """
+    with torch.no_grad():
+        num_experts, r_out, r_in = cores.shape
+        lora_in = lora_A if core_router else torch.cat([lora_A, router_weight.to(lora_A.dtype)])
+        scaled = cores.to(torch.promote_types(cores.dtype, torch.float32)) * scaling  # (E, r_out, r_in)
+        if num_experts <= r_in:  # C[(e, i), o] = s M_e[o, i]
+            mixing = scaled.transpose(1, 2).reshape(num_experts * r_in, r_out)
+        else:  # row e: s M_e flattened [out, in]
+            mixing = scaled.reshape(num_experts, r_out * r_in)
+        return InferenceWeights(lora_in, router_weight, mixing.to(cores.dtype).contiguous(), lora_B)
+
+
+def branch_inference(
+    x: torch.Tensor, weights: InferenceWeights, router_x: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_branch_forward` without autograd, on any leading dimensions ``(..., d_in)``, in as few
-    operations as the maths allows: at decoding sizes each operation's fixed cost (dispatch on a CPU, a kernel
-    launch on a GPU) outweighs its arithmetic. Returns ``delta (..., d_out)`` and ``probs (..., E)`` float32."""
-    num_experts, r_out, r_in = cores.shape
-    z = F.linear(x, lora_A)  # (..., r)
-    logits = F.linear(z if core_router else (x if router_x is None else router_x), router_weight)  # (..., E)
+    """CoMoL's adapter branch without autograd, on any leading dimensions, from :func:`prepare_inference`'s
+    weights, in as few operations as the maths allows: at decoding sizes each operation's fixed cost (dispatch
+    on a CPU, a kernel launch on a GPU) outweighs its arithmetic. Core-space routing: matmuls for ``z`` and the
+    logits; input routing: one matmul and a split. Then the float32 softmax, the mixing (three operations for
+    ``E <= r``, four above) and the matmul by ``B``.
+
+    Args:
+        x: ``(..., d_in)`` input of ``A`` (after dropout).
+        weights: the adapter's :class:`InferenceWeights`.
+        router_x: ``(..., d_in)``: the router's input where it differs from ``x`` (input routing with active
+            dropout), else None.
+
+    Returns:
+        ``delta (..., d_out)`` (scaling included) and ``probs (..., E)`` float32.
+    """
+    lora_in, router_weight, mixing, lora_B = weights
+    num_experts, r = router_weight.shape[0], lora_B.shape[1]
+    if lora_in.shape[0] == r:  # core-space routing
+        z = F.linear(x, lora_in)  # (..., r)
+        logits = F.linear(z, router_weight)  # (..., E)
+    elif router_x is None:
+        z, logits = F.linear(x, lora_in).split_with_sizes((r, num_experts), dim=-1)  # (..., r), (..., E)
+    else:
+        z, logits = F.linear(x, lora_in[:r]), F.linear(router_x, router_weight)
     probs = softmax_f32(logits)  # (..., E) float32
     gates = probs if probs.dtype == z.dtype else probs.to(z.dtype)
-    if _merged_order(z.numel() // r_in, num_experts, r_in):  # each token's merged core, then its product
-        merged = (gates @ cores.reshape(num_experts, r_out * r_in)).unflatten(
-            -1, (r_out, r_in)
-        )  # (..., r, r)
+    if num_experts <= r:  # (g ⊗ z) C: one GEMM over K = E r (the layout prepare_inference chose)
+        mixed = (gates.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2) @ mixing  # (..., r)
+    else:  # each token's core sum_e g_e s M_e (..., r, r), then its product with z
+        merged = (gates @ mixing).unflatten(-1, (r, r))  # (..., r_out, r_in)
         mixed = (merged @ z.unsqueeze(-1)).squeeze(-1)  # (..., r)
-    else:  # every expert's output, then their gate-weighted sum (no (r, r) per token)
-        experts = F.linear(z, cores.reshape(num_experts * r_out, r_in)).unflatten(-1, (num_experts, r_out))
-        mixed = (gates.unsqueeze(-2) @ experts).squeeze(-2)  # (..., r)
-    return F.linear(mixed.mul_(scaling), lora_B), probs
+    return F.linear(mixed, lora_B), probs
 
 
 class _CoMoLBranch(torch.autograd.Function):
@@ -400,11 +453,11 @@ def comol_branch_fused(
         ``delta (..., d_out)`` in ``x``'s dtype and the router ``probs (..., E)`` float32 (detached).
     """
     args = (x, router_x, lora_A, router_weight, cores, lora_B, scaling, core_router)
-    if not torch.is_grad_enabled():  # inference (decoding): same maths, no autograd node
-        return _branch_inference(*args)
-    if not any(t is not None and t.requires_grad for t in args[:6]):
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in args[:6]):
+        # inference: same maths, no autograd node (a layer keeps the prepared weights between calls)
+        weights = prepare_inference(lora_A, router_weight, cores, lora_B, scaling, core_router)
         with torch.no_grad():
-            return _branch_inference(*args)
+            return branch_inference(x, weights, router_x)
     lead = x.shape[:-1]
     ru = None if router_x is None else _flat(router_x)
     delta, probs = _CoMoLBranch.apply(

@@ -13,7 +13,10 @@ An implementation provides
   softmax and mixing as one operation. Without it, routing is done eagerly and ``core_mix`` mixes;
 - optionally ``branch(x, lora_A, router_weight, cores, lora_B, scaling, core_router, router_x=None) ->
   (delta, probs)``: CoMoL's whole adapter branch ``s B (sum_e g_e M_e) A x`` as one operation (see
-  :func:`comol.kernels.fused.comol_branch_fused`). Without it, the layer calls ``A``, ``routed``, ``B``.
+  :func:`comol.kernels.fused.comol_branch_fused`). Without it, the layer calls ``A``, ``routed``, ``B``;
+- optionally ``prepare_inference(lora_A, router_weight, cores, lora_B, scaling, core_router) -> weights`` and
+  ``branch_inference(x, weights, router_x=None) -> (delta, probs)``: the branch without autograd from weights
+  laid out once (:func:`comol.kernels.fused.prepare_inference`), which the layer keeps between decoding steps.
 
 Shapes: ``z (..., r)``, ``gates (..., E)``, ``cores (E, r, r)`` (``cores[e]`` laid out ``[out, in]``),
 ``router_input (..., k)``, ``router_weight (E, k)``; ``mixed (..., r)``, ``probs (..., E)`` float32.
@@ -24,11 +27,18 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from comol.kernels.eager import core_mix_eager, core_mix_stacked
-from comol.kernels.fused import comol_branch_fused, core_mix_fused, routed_core_mix_fused
+from comol.kernels.fused import (
+    branch_inference,
+    comol_branch_fused,
+    core_mix_fused,
+    prepare_inference,
+    routed_core_mix_fused,
+)
 from comol.mixture import routing
 
 CoreMixFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -36,6 +46,7 @@ RoutedCoreMixFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
 ]
 BranchFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+PrepareFn = Callable[..., Any]
 
 
 def _everywhere(z: torch.Tensor) -> bool:
@@ -51,6 +62,8 @@ class CoreMixImplementation:
         core_mix: ``(z, gates, cores) -> mixed``.
         routed: ``(z, router_input, router_weight, cores) -> (mixed, probs)``, or None to route eagerly.
         branch: the whole adapter branch ``x -> (delta, probs)``, or None.
+        prepare_inference: the weights ``branch_inference`` reads, laid out once, or None.
+        branch_inference: ``(x, prepared, router_x) -> (delta, probs)`` without autograd, or None.
         available: ``available(z)``: whether it can run on ``z``'s device and dtype.
         priority: ``"auto"`` takes the available implementation with the highest priority.
     """
@@ -61,6 +74,8 @@ class CoreMixImplementation:
     branch: BranchFn | None = None
     available: Callable[[torch.Tensor], bool] = _everywhere
     priority: int = 0
+    prepare_inference: PrepareFn | None = None
+    branch_inference: BranchFn | None = None
 
     def routed_core_mix(
         self, z: torch.Tensor, router_input: torch.Tensor, router_weight: torch.Tensor, cores: torch.Tensor
@@ -82,12 +97,23 @@ def register_core_mix(
     branch: BranchFn | None = None,
     available: Callable[[torch.Tensor], bool] | None = None,
     priority: int = 0,
+    prepare_inference: PrepareFn | None = None,
+    branch_inference: BranchFn | None = None,
 ) -> None:
     """Add (or replace) implementation ``name``; see :class:`CoreMixImplementation` for the arguments."""
     if name == "auto":
         raise ValueError("'auto' is reserved: it means the best available implementation.")
+    if (prepare_inference is None) != (branch_inference is None):
+        raise ValueError("prepare_inference and branch_inference are registered together.")
     _REGISTRY[name] = CoreMixImplementation(
-        name, core_mix, routed, branch, available or _everywhere, priority
+        name,
+        core_mix,
+        routed,
+        branch,
+        available or _everywhere,
+        priority,
+        prepare_inference,
+        branch_inference,
     )
 
 
@@ -170,7 +196,13 @@ def routed_core_mix(
 register_core_mix("eager", core_mix_eager, priority=0)
 register_core_mix("stacked", core_mix_stacked, priority=-10)  # benchmarks only: never chosen by "auto"
 register_core_mix(
-    "fused", core_mix_fused, routed=routed_core_mix_fused, branch=comol_branch_fused, priority=10
+    "fused",
+    core_mix_fused,
+    routed=routed_core_mix_fused,
+    branch=comol_branch_fused,
+    priority=10,
+    prepare_inference=prepare_inference,
+    branch_inference=branch_inference,
 )
 
 

@@ -122,11 +122,24 @@ class CoMoLLayer(MixtureLayer):
         if router_weight is not None and impl.branch is not None:
             weight_A, weight_B = _plain_weight(lora_A), _plain_weight(lora_B)
             if weight_A is not None and weight_B is not None:
-                # the whole branch (A, router, softmax, mixing, B, scaling) in one operation
-                delta, probs = impl.branch(
-                    x_in, weight_A, router_weight, cores, weight_B, self.scaling[adapter_name],
-                    config.core_router, None if config.core_router or x_in is x else x,
-                )  # fmt: skip
+                router_x = None if config.core_router or x_in is x else x
+                sources = (weight_A, router_weight, cores, weight_B)
+                if impl.branch_inference is not None and (
+                    not torch.is_grad_enabled()
+                    or not (x.requires_grad or any(t.requires_grad for t in sources))
+                ):  # inference (decoding): weights laid out once, kept between steps
+                    weights = self.inference_weights(
+                        adapter_name,
+                        sources,
+                        lambda: impl.prepare_inference(*sources[:3], weight_B, self.scaling[adapter_name],
+                                                       config.core_router),
+                    )  # fmt: skip
+                    delta, probs = impl.branch_inference(x_in, weights, router_x)
+                else:  # the whole branch (A, router, softmax, mixing, B, scaling) in one autograd node
+                    delta, probs = impl.branch(
+                        x_in, weight_A, router_weight, cores, weight_B, self.scaling[adapter_name],
+                        config.core_router, router_x,
+                    )  # fmt: skip
                 if self._gate_hooks:
                     self.observe_routing(adapter_name, probs, probs)
                 return delta

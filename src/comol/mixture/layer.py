@@ -24,7 +24,8 @@ auxiliary losses.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from peft.tuners.tuners_utils import _get_in_out_features, check_adapters_to_merge
@@ -37,6 +38,16 @@ from comol.mixture.observe import RoutingContext
 
 if TYPE_CHECKING:
     from comol.mixture.config import MixtureConfig
+
+T = TypeVar("T")
+
+
+def _never() -> bool:
+    return False
+
+
+# Whether weights may be sharded and gathered into reused storage (``torch.distributed`` initialised).
+_sharding_possible = torch.distributed.is_initialized if torch.distributed.is_available() else _never
 
 
 class MergeNotSupportedError(ValueError):
@@ -88,6 +99,8 @@ class MixtureLayer(nn.Module, AdapterContainers):
         self.scaling: dict[str, float] = {}
         self.implementation = "auto"  # how adapter_forward computes the update, see set_implementation
         self._resolved_implementations: dict[tuple[str, str, torch.dtype], Any] = {}
+        # adapter name -> (key of the weights it was built from, weights laid out for inference)
+        self._inference_weights: dict[str, tuple[list[int], Any]] = {}
         self.kwargs = kwargs
 
     # ----------------------------------------------------------------------------------------------
@@ -222,6 +235,7 @@ class MixtureLayer(nn.Module, AdapterContainers):
         """Add adapter ``adapter_name`` to this layer (peft calls this once per targeted module)."""
         if module_key is not None:
             self.module_key = module_key
+        self._inference_weights.pop(adapter_name, None)
         self.adapter_config[adapter_name] = config
         self.scaling[adapter_name] = config.scaling
         self.adapter_dropout[adapter_name] = (
@@ -250,6 +264,50 @@ class MixtureLayer(nn.Module, AdapterContainers):
         if resolved is None:
             resolved = self._resolved_implementations[key] = self.resolve_implementation(key[0], x)
         return resolved
+
+    def inference_weights(
+        self, adapter_name: str, sources: tuple[torch.Tensor, ...], build: Callable[[], T]
+    ) -> T:
+        """``build()``: weights derived from ``sources`` for inference (e.g. a router folded into a matmul), kept
+        between calls while the layer is in eval mode and every source is unchanged.
+
+        A source counts as unchanged while its storage (``data_ptr``) and version counter are: optimizer steps,
+        ``load_state_dict`` and every in-place op bump the counter. Writes through ``.data`` do not, so the kept
+        weights are dropped whenever the layer enters or leaves training mode (``model.train()`` /
+        ``model.eval()``) and can be dropped by hand with :meth:`clear_inference_weights`. Nothing is kept in
+        training mode, while tracing for ``torch.compile``, for inference tensors, or when ``torch.distributed``
+        is initialised (sharded weights, FSDP and ZeRO-3, are gathered into reused storage).
+
+        Args:
+            adapter_name: the adapter the weights belong to.
+            sources: the tensors the weights are derived from.
+            build: computes the weights from ``sources``.
+        """
+        if self.training or torch.compiler.is_compiling() or _sharding_possible():
+            return build()
+        try:
+            key = [t._version for t in sources]
+        except RuntimeError:  # inference tensors have no version counter
+            return build()
+        key.extend([t.data_ptr() for t in sources])
+        kept = self._inference_weights.get(adapter_name)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        weights = build()
+        self._inference_weights[adapter_name] = (key, weights)
+        return weights
+
+    def clear_inference_weights(self) -> None:
+        """Drop the weights :meth:`inference_weights` keeps (they are rebuilt on the next call)."""
+        self._inference_weights.clear()
+
+    def train(self, mode: bool = True) -> MixtureLayer:
+        self._inference_weights.clear()
+        return super().train(mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._inference_weights.pop(adapter_name, None)
+        super().delete_adapter(adapter_name)
 
     def adapter_dtype(self, adapter_name: str) -> torch.dtype:
         """The dtype the adapter computes in: that of its first tensor (called on every forward, so the

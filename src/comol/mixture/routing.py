@@ -42,9 +42,9 @@ def few_experts_on_cpu(logits: torch.Tensor) -> bool:
     its transpose. For a few tokens (decoding) the plain softmax is cheaper.
     """
     return (
-        logits.shape[-1] < 16
+        logits.numel() >= _MANY_TOKENS * logits.shape[-1]  # first: decoding stops here
+        and logits.shape[-1] < 16
         and logits.dim() > 1
-        and logits.numel() >= _MANY_TOKENS * logits.shape[-1]
         and logits.device.type == "cpu"
     )
 
