@@ -6,6 +6,7 @@ import pytest
 import torch
 from peft import get_peft_model
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import comol
 from comol import kernels
@@ -385,3 +386,36 @@ def test_register_core_mix_takes_the_inference_pair_together() -> None:
     with pytest.raises(ValueError, match="registered together"):
         kernels.register_core_mix("half", kernels.core_mix_fused, prepare_inference=kernels.prepare_inference)
     assert "half" not in kernels.core_mix_names()
+
+
+class _LargeCopies(TorchDispatchMode):
+    """Records the copies (clone, copy_, contiguous) of tensors with at least ``numel`` elements."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.seen = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten._to_copy):
+            source = args[-1] if func.overloadpacket is torch.ops.aten.copy_ else args[0]
+            if source.numel() >= self.numel:
+                self.seen.append((str(func), tuple(source.shape)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("core_router", [True, False])
+def test_branch_never_copies_the_mixing_temporary(core_router: bool) -> None:
+    """With many tokens and few experts on CPU the softmax is taken transposed (a transposed view of probs);
+    the mixing must still build its ``(N, E r)`` outer product in place, forward and backward (a copy of it
+    cost as much as the mixing itself)."""
+    n, r, num_experts, d = 512, 8, 4, 16
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen, requires_grad=True)
+    weights = [torch.randn(*shape, generator=gen, requires_grad=True)
+               for shape in ((r, d), (num_experts, r if core_router else d), (num_experts, r, r), (d, r))]  # fmt: skip
+    with _LargeCopies(n * num_experts * r) as copies:
+        delta, _ = kernels.comol_branch_fused(
+            x, weights[0], weights[1], weights[2], weights[3], 2.0, core_router
+        )
+        delta.sum().backward()
+    assert copies.seen == []

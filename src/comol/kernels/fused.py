@@ -61,7 +61,9 @@ def _mix_parts(
     if _merged_order(z.shape[0], num_experts, r_in):
         merged = (gates @ cores.reshape(num_experts, r_out * r_in)).view(-1, r_out, r_in)  # (N, r, r)
         return torch.bmm(merged, z.unsqueeze(2)).squeeze(2), (merged,)
-    outer = (gates.unsqueeze(2) * z.unsqueeze(1)).reshape(z.shape[0], num_experts * r_in)  # (N, E*r_in)
+    # gates contiguous first: probs from the transposed softmax (softmax_f32) are a transposed view, and the
+    # product would follow that layout, so that the reshape below would copy the (N, E r) temporary
+    outer = (gates.contiguous().unsqueeze(2) * z.unsqueeze(1)).reshape(z.shape[0], num_experts * r_in)
     stacked = cores.transpose(1, 2).reshape(num_experts * r_in, r_out)  # C[(e, i), o] = M_e[o, i]
     return outer @ stacked, (outer, stacked)
 
@@ -85,6 +87,7 @@ def _mix_backward(
         grad_gates = grad_merged @ flat_cores.t()  # (N, E)
         grad_cores = (gates.t() @ grad_merged).view(num_experts, r_out, r_in)  # (E, r_out, r_in)
         return grad_z, grad_gates, grad_cores
+    gates = gates.contiguous()  # see _mix_parts
     if parts is None:
         outer = (gates.unsqueeze(2) * z.unsqueeze(1)).reshape(n, num_experts * r_in)  # (N, E*r_in)
         stacked = cores.transpose(1, 2).reshape(num_experts * r_in, r_out)  # (E*r_in, r_out)
@@ -396,7 +399,7 @@ class _CoMoLBranch(torch.autograd.Function):
         else:
             z = kept
         probs = softmax_f32(logits)  # (N, E) float32
-        gates = probs.to(z.dtype)
+        gates = probs.to(z.dtype).contiguous()  # one layout for the recomputed mix and its backward
         grad_delta = grad_delta.to(z.dtype)
         mixed, parts = _mix_parts(z, gates, cores)  # (N, r), recomputed
         grad_B = (grad_delta.t() @ mixed).mul_(s)  # (d_out, r)
