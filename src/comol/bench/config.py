@@ -59,7 +59,7 @@ class BenchConfig:
             train_seq=128,
             smollm2_batch=4,
             smollm2_seq=128,
-            decode_tokens=8,
+            decode_tokens=16,
             decode_batches=[1, 8],
         )
         for key, value in overrides.items():

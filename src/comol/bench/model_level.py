@@ -41,6 +41,12 @@ def tiny_llama(vocab_size: int = 1024) -> nn.Module:
     return LlamaForCausalLM(config)
 
 
+def model_rounds(cfg: BenchConfig) -> int:
+    """Timed rounds of every model-level comparison: half the layer-level repeats (a whole model costs more),
+    and at least three, so that the median is one round's time and a single disturbed round cannot set it."""
+    return max(3, cfg.repeats // 2)
+
+
 def adamw(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW as transformers' ``Trainer`` creates it by default (``optim="adamw_torch_fused"``): torch's fused
     implementation, one kernel for all parameters instead of a loop of small per-tensor ops."""
@@ -120,7 +126,7 @@ def time_training(
                 optimizer.zero_grad(set_to_none=True)
 
         steps[label] = train_step
-    times = interleaved_medians(steps, device, max(2, cfg.repeats // 2), 1)
+    times = interleaved_medians(steps, device, model_rounds(cfg), 1)
     results = {}
     for label, model in models.items():
         excluded = list(model.parameters()) + list(model.buffers())
@@ -167,7 +173,7 @@ def time_compiled_training(
             optimizer.zero_grad(set_to_none=True)
 
         steps[label] = train_step
-    times = interleaved_medians(steps, device, max(2, cfg.repeats // 2), 2)
+    times = interleaved_medians(steps, device, model_rounds(cfg), 2)
     return {
         label: {**times[label], "tokens_per_s": ids.numel() / times[label]["median_s"], "saved_bytes": None,
                 "peak_bytes": None, "trainable_params": sum(p.numel() for p in trainable(models[label]))}
@@ -203,7 +209,7 @@ def time_decoding(
     for label, model in models.items():
         cases[f"{label}\0long"] = generate(model, cfg.decode_tokens)
         cases[f"{label}\0short"] = generate(model, 1)
-    times = interleaved_medians(cases, device, max(2, cfg.repeats // 2), 1)
+    times = interleaved_medians(cases, device, model_rounds(cfg), 1)
     return {
         label: (times[f"{label}\0long"]["median_s"] - times[f"{label}\0short"]["median_s"])
         / max(1, cfg.decode_tokens - 1)
