@@ -281,8 +281,8 @@ def _count_builds(layer: comol.mixture.MixtureLayer, monkeypatch) -> list[int]:
     builds: list[int] = []
     original = layer.inference_weights
 
-    def counting(name, sources, build):
-        return original(name, sources, lambda: builds.append(1) or build())
+    def counting(name, sources, build, settings=()):
+        return original(name, sources, lambda: builds.append(1) or build(), settings)
 
     monkeypatch.setattr(layer, "inference_weights", counting)
     return builds
@@ -327,6 +327,23 @@ def test_kept_inference_weights_are_built_once_and_follow_in_place_changes(
     fused.load_state_dict(state)
     check()
     assert len(builds) == 6
+    for model in (eager, fused):  # the scaling is folded into the kept cores: a new scaling is seen too
+        _layer(model).scaling["default"] *= 3.0
+    check()
+    assert len(builds) == 7
+
+
+def test_inference_tensors_as_weights_are_used_but_never_kept() -> None:
+    """Weights created under ``torch.inference_mode`` have no version counter, so nothing can be kept for them."""
+    eager, fused = _eval_pair()
+    with torch.inference_mode():
+        for model in (eager, fused):
+            cores = _layer(model).comol_cores
+            cores["default"] = nn.Parameter(cores["default"] * 2.0, requires_grad=False)
+        x = torch.randn(2, 16, dtype=torch.float64)
+        torch.testing.assert_close(fused(x), eager(x))
+        torch.testing.assert_close(fused(x), eager(x))
+    assert _layer(fused)._inference_weights == {}
 
 
 @INFERENCE_OPTIONS

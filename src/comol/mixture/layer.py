@@ -100,7 +100,7 @@ class MixtureLayer(nn.Module, AdapterContainers):
         self.implementation = "auto"  # how adapter_forward computes the update, see set_implementation
         self._resolved_implementations: dict[tuple[str, str, torch.dtype], Any] = {}
         # adapter name -> (key of the weights it was built from, weights laid out for inference)
-        self._inference_weights: dict[str, tuple[list[int], Any]] = {}
+        self._inference_weights: dict[str, tuple[list[Any], Any]] = {}
         self.kwargs = kwargs
 
     # ----------------------------------------------------------------------------------------------
@@ -266,10 +266,14 @@ class MixtureLayer(nn.Module, AdapterContainers):
         return resolved
 
     def inference_weights(
-        self, adapter_name: str, sources: tuple[torch.Tensor, ...], build: Callable[[], T]
+        self,
+        adapter_name: str,
+        sources: tuple[torch.Tensor, ...],
+        build: Callable[[], T],
+        settings: tuple[Any, ...] = (),
     ) -> T:
-        """``build()``: weights derived from ``sources`` for inference (e.g. a router folded into a matmul), kept
-        between calls while the layer is in eval mode and every source is unchanged.
+        """``build()``: weights derived from ``sources`` for inference (e.g. CoMoL's scaled cores), kept between
+        calls while the layer is in eval mode and neither a source nor ``settings`` changed.
 
         A source counts as unchanged while its storage (``data_ptr``) and version counter are: optimizer steps,
         ``load_state_dict`` and every in-place op bump the counter. Writes through ``.data`` do not, so the kept
@@ -282,6 +286,7 @@ class MixtureLayer(nn.Module, AdapterContainers):
             adapter_name: the adapter the weights belong to.
             sources: the tensors the weights are derived from.
             build: computes the weights from ``sources``.
+            settings: the other values ``build`` reads (e.g. the scaling), compared by equality.
         """
         if self.training or torch.compiler.is_compiling() or _sharding_possible():
             return build()
@@ -290,6 +295,7 @@ class MixtureLayer(nn.Module, AdapterContainers):
         except RuntimeError:  # inference tensors have no version counter
             return build()
         key.extend([t.data_ptr() for t in sources])
+        key.extend(settings)
         kept = self._inference_weights.get(adapter_name)
         if kept is not None and kept[0] == key:
             return kept[1]
@@ -302,10 +308,12 @@ class MixtureLayer(nn.Module, AdapterContainers):
         self._inference_weights.clear()
 
     def train(self, mode: bool = True) -> MixtureLayer:
+        """``nn.Module.train``; also drops the weights kept for inference (see :meth:`inference_weights`)."""
         self._inference_weights.clear()
         return super().train(mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """peft's ``delete_adapter``, dropping what was kept for the adapter's inference too."""
         self._inference_weights.pop(adapter_name, None)
         super().delete_adapter(adapter_name)
 
