@@ -117,7 +117,7 @@ def test_decode_op_count_orders_base_lora_comol() -> None:
     """One cached decoding step: the adapters add ATen operations (LoRA a few per layer, CoMoL's router and
     mixing more), the count is the same on a second call, and it does not depend on the batch."""
     from comol.bench.config import BenchConfig
-    from comol.bench.model_level import build_model_variants, count_decode_ops
+    from comol.bench.model_level import build_model_variants, count_decode_ops, decode_aten_seconds
     from comol.bench.variants import Variant
     from training.tiny import make_tiny_model
 
@@ -130,3 +130,5 @@ def test_decode_op_count_orders_base_lora_comol() -> None:
     assert 0 < ops["base (frozen)"] < ops["lora"] < ops["comol E=2"]
     assert count_decode_ops(models, 64, batch=1, seed=0) == ops
     assert count_decode_ops(models, 64, batch=3, seed=0) == ops
+    aten = decode_aten_seconds(models, 64, batch=1, seed=0, steps=2)
+    assert set(aten) == set(models) and all(0 < seconds < 1 for seconds in aten.values())

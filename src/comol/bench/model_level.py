@@ -229,6 +229,24 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _decode_step(model: nn.Module, vocab: int, batch: int, gen: torch.Generator) -> Callable[[], Any]:
+    """A cached decoding step of ``model`` (one new token for ``batch`` sequences after a 16-token prompt),
+    ready to run under ``torch.inference_mode``; the prompt is encoded once, here, and each call appends one
+    position to the cache."""
+    device = next(model.parameters()).device
+    prompt = torch.randint(0, vocab, (batch, 16), generator=gen).to(device)
+    model.eval()
+    with torch.inference_mode():
+        out = model(input_ids=prompt, use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)
+    cache = out.past_key_values
+
+    def step() -> Any:
+        return model(input_ids=token, past_key_values=cache, use_cache=True)
+
+    return step
+
+
 def count_decode_ops(models: dict[str, nn.Module], vocab: int, batch: int, seed: int) -> dict[str, int]:
     """Per model: ATen operations of one cached decoding step (one new token for ``batch`` sequences after
     a 16-token prompt). Where a step is bound by per-operation cost (CPU dispatch, GPU launches) rather
@@ -236,16 +254,34 @@ def count_decode_ops(models: dict[str, nn.Module], vocab: int, batch: int, seed:
     gen = torch.Generator(device="cpu").manual_seed(seed + batch)
     counts = {}
     for label, model in models.items():
-        device = next(model.parameters()).device
-        prompt = torch.randint(0, vocab, (batch, 16), generator=gen).to(device)
-        model.eval()
-        with torch.inference_mode():
-            out = model(input_ids=prompt, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            with _OpCounter() as counter:
-                model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+        step = _decode_step(model, vocab, batch, gen)
+        with torch.inference_mode(), _OpCounter() as counter:
+            step()
         counts[label] = counter.count
     return counts
+
+
+def decode_aten_seconds(
+    models: dict[str, nn.Module], vocab: int, batch: int, seed: int, steps: int = 5
+) -> dict[str, float]:
+    """Per model: the host time spent inside ATen operations in one cached decoding step (the sum of their self
+    CPU times under ``torch.profiler``, mean over ``steps`` steps after one untimed). The rest of a step's wall
+    time is Python: module calls and the binding of each operation. Profiling adds a little to each
+    operation, alike for every model."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator(device="cpu").manual_seed(seed + batch)
+    seconds = {}
+    for label, model in models.items():
+        step = _decode_step(model, vocab, batch, gen)
+        with torch.inference_mode():
+            step()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    step()
+        aten_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith("aten::"))
+        seconds[label] = aten_us / 1e6 / steps
+    return seconds
 
 
 def bench_model(
@@ -276,10 +312,11 @@ def bench_model(
                          "r": r, **result})  # fmt: skip
     for decode_batch in cfg.decode_batches:
         ops = count_decode_ops(models, vocab, decode_batch, cfg.seed)
+        aten = decode_aten_seconds(models, vocab, decode_batch, cfg.seed)
         for label, per_token in time_decoding(cfg, device, models, vocab, decode_batch).items():
             rows.append({"model": name, "variant": label, "kind": "decode", "batch": decode_batch,
                          "new_tokens": cfg.decode_tokens, "r": r, "per_token_s": per_token,
-                         "ops_per_token": ops[label]})  # fmt: skip
+                         "ops_per_token": ops[label], "aten_s_per_token": aten[label]})  # fmt: skip
     for label, message in errors.items():
         rows.append({"model": name, "variant": label, "kind": "error", "error": message})
     return rows

@@ -241,7 +241,9 @@ def markdown(result: dict[str, Any], plots: list[str]) -> str:
     if models:
         out += ["", "## Model level", "", "Training step (forward, backward, fused AdamW, the optimiser transformers' "
                 "Trainer uses by default) and greedy decoding with the KV cache; decode time per token = (time for "
-                "n new tokens - time for 1) / (n - 1).", ""]  # fmt: skip
+                "n new tokens - time for 1) / (n - 1). *ATen ms / token* is the host time spent inside ATen operations "
+                "in one cached decoding step (the sum of their self CPU times under `torch.profiler`); the rest of the "
+                "step's time is Python: module calls and the binding of each operation.", ""]  # fmt: skip
         train = [m for m in models if m["kind"] in ("train", "train-compiled")]
         out.append(_table(
             ["model", "variant", "batch x seq", "step ms", "tokens/s", "GFLOP", "saved MiB", "peak MiB", "trainable"],
@@ -253,11 +255,12 @@ def markdown(result: dict[str, Any], plots: list[str]) -> str:
         out.append("")
         decode = [m for m in models if m["kind"] == "decode"]
         out.append(_table(
-            ["model", "variant", "batch", "ms / token", "/ LoRA", "ATen ops / token"],
+            ["model", "variant", "batch", "ms / token", "/ LoRA", "ATen ops / token", "ATen ms / token"],
             ([m["model"], m["variant"], str(m["batch"]), _ms(m["per_token_s"]),
               _fmt_ratio(_ratio(m["per_token_s"], (_find(models, model=m["model"], variant="lora", kind="decode",
                                                          batch=m["batch"]) or {}).get("per_token_s"))),
-              str(m.get("ops_per_token", "n/a"))]
+              str(m.get("ops_per_token", "n/a")),
+              _ms(m.get("aten_s_per_token"))]
              for m in decode),
         ))  # fmt: skip
         errors = [m for m in models if m["kind"] == "error"]

@@ -10,7 +10,8 @@ weight ``[out, in]``; result ``(..., r)``.
 
 - :mod:`~comol.kernels.registry`: names -> implementations, ``"auto"`` resolution.
 - :mod:`~comol.kernels.eager`: the reference (``"eager"``) and the naive per-token cores (``"stacked"``).
-- :mod:`~comol.kernels.fused`: ``autograd.Function`` s with hand-written backward (``"fused"``).
+- :mod:`~comol.kernels.fused`: ``autograd.Function`` s with hand-written backward (``"fused"``) and its decoding
+  path (weights laid out once, :func:`prepare_inference` / :func:`branch_inference`).
 - :mod:`~comol.kernels.triton_core_mix`: Triton kernels for CUDA (``"triton"``).
 """
 
