@@ -61,10 +61,11 @@ def test_model_level_targets_compare_each_variant_with_lora_of_the_same_model() 
 
     def train(variant: str, seconds: float, saved: int, kind: str = "train") -> dict:
         return {"model": "m", "variant": variant, "kind": kind, "batch": 4, "seq": 8, "r": 16,
-                "median_s": seconds, "saved_bytes": saved, "flops": 100 * seconds}  # fmt: skip
+                "median_s": seconds, "saved_bytes": saved, "flops": 100 * seconds, "aten_s": seconds / 2}  # fmt: skip
 
     def decode(variant: str, batch: int, seconds: float) -> dict:
-        return {"model": "m", "variant": variant, "kind": "decode", "batch": batch, "per_token_s": seconds}
+        return {"model": "m", "variant": variant, "kind": "decode", "batch": batch, "per_token_s": seconds,
+                "aten_s_per_token": 1.0 if variant == "lora" else 1.01}  # fmt: skip
 
     models = [train("lora", 1.0, 1000), train("comol E=8", 1.02, 1011), train("comol E=64", 1.06, 1000),
               train("comol w/o CR E=8", 1.07, 1000), decode("lora", 1, 1.0), decode("comol E=8", 1, 1.04),
@@ -84,6 +85,11 @@ def test_model_level_targets_compare_each_variant_with_lora_of_the_same_model() 
     flops = {t["target"]: t["work"] for t in targets(result) if t["work"] is not None}
     assert flops == pytest.approx({"comol E=8 / LoRA: training step": 1.02, "comol E=64 / LoRA: training step": 1.06,
                                    "comol w/o CR E=8 / LoRA: training step": 1.07})  # fmt: skip
+    aten = {t["target"]: t["aten"] for t in targets(result) if t["aten"] is not None}
+    assert aten == pytest.approx({"comol E=8 / LoRA: training step": 1.02, "comol E=64 / LoRA: training step": 1.06,
+                                  "comol w/o CR E=8 / LoRA: training step": 1.07,
+                                  "comol E=8 / LoRA (unmerged): decode per token, batch 1": 1.01,
+                                  "comol E=8 / LoRA (unmerged): decode per token, batch 8": 1.01})  # fmt: skip
 
 
 def test_model_level_training_counts_flops_saved_memory_and_parameters() -> None:
@@ -106,6 +112,7 @@ def test_model_level_training_counts_flops_saved_memory_and_parameters() -> None
     flops = {label: row["flops"] for label, row in rows.items()}
     assert 0 < flops["base (frozen)"] < flops["lora"] < flops["comol E=2"] < flops["comol E=64"]
     assert rows["comol E=2"]["saved_bytes"] == rows["lora"]["saved_bytes"]
+    assert all(0 < row["aten_s"] < row["max_s"] * 10 for row in rows.values())  # host time inside ATen ops
     assert (
         rows["comol E=64"]["trainable_params"]
         > rows["comol E=2"]["trainable_params"]

@@ -129,6 +129,7 @@ def time_training(
     times = interleaved_medians(steps, device, model_rounds(cfg), 1)
     results = {}
     for label, model in models.items():
+        aten = aten_seconds(steps[label], 1)  # the whole step, optimizer included, as timed
         excluded = list(model.parameters()) + list(model.buffers())
         reset_peak_device_memory(device)
         with FlopCounterMode(display=False) as flops:  # matmul and attention FLOPs, forward + backward
@@ -143,6 +144,7 @@ def time_training(
             "tokens_per_s": ids.numel() / times[label]["median_s"],
             "saved_bytes": saved.bytes,
             "flops": flops.get_total_flops(),
+            "aten_s": aten,
             "peak_bytes": peak_device_memory(device),
             "trainable_params": sum(p.numel() for p in trainable(model)),
         }
@@ -261,26 +263,31 @@ def count_decode_ops(models: dict[str, nn.Module], vocab: int, batch: int, seed:
     return counts
 
 
+def aten_seconds(fn: Callable[[], Any], calls: int) -> float:
+    """Host time spent inside ATen operations per call of ``fn``: the sum of their self CPU times under
+    ``torch.profiler``, mean over ``calls`` calls. The rest of a call's wall time is Python (module calls, the
+    binding of each operation, autograd's engine). Profiling adds a little to each operation, alike for every
+    model, so compare these figures between models, not with wall times."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    aten_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith("aten::"))
+    return aten_us / 1e6 / calls
+
+
 def decode_aten_seconds(
     models: dict[str, nn.Module], vocab: int, batch: int, seed: int, steps: int = 5
 ) -> dict[str, float]:
-    """Per model: the host time spent inside ATen operations in one cached decoding step (the sum of their self
-    CPU times under ``torch.profiler``, mean over ``steps`` steps after one untimed). The rest of a step's wall
-    time is Python: module calls and the binding of each operation. Profiling adds a little to each
-    operation, alike for every model."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """Per model: :func:`aten_seconds` of one cached decoding step (mean over ``steps`` after one untimed)."""
     gen = torch.Generator(device="cpu").manual_seed(seed + batch)
     seconds = {}
     for label, model in models.items():
         step = _decode_step(model, vocab, batch, gen)
         with torch.inference_mode():
             step()
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for _ in range(steps):
-                    step()
-        aten_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith("aten::"))
-        seconds[label] = aten_us / 1e6 / steps
+            seconds[label] = aten_seconds(step, steps)
     return seconds
 
 
