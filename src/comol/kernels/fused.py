@@ -326,8 +326,8 @@ def branch_inference(
     """CoMoL's adapter branch without autograd, on any leading dimensions, from :func:`prepare_inference`'s
     weights, in as few operations as the maths allows: at decoding sizes each operation's fixed cost (dispatch
     on a CPU, a kernel launch on a GPU) outweighs its arithmetic. Core-space routing: matmuls for ``z`` and the
-    logits; input routing: one matmul and a split. Then the float32 softmax, the mixing (three operations for
-    ``E <= r``, four above) and the matmul by ``B``.
+    logits; input routing: one matmul and a split. Then the float32 softmax, the mixing (an outer product and one
+    matmul for ``E <= r``; the merged cores and their product with ``z`` above) and the matmul by ``B``.
 
     Args:
         x: ``(..., d_in)`` input of ``A`` (after dropout).
