@@ -121,3 +121,25 @@ def test_export_uses_each_layers_own_expert_count(tmp_path, input_ids):
 def test_denselora_declares_shared_state_so_peft_refuses_direct_injection():
     with pytest.raises(ValueError, match="shared state"):
         inject_adapter_in_model(build_config("denselora", r=4, target_modules=TARGETS), tiny_model())
+
+
+def test_peft_disable_input_dtype_casting_reaches_every_mixture_layer(input_ids):
+    """peft's switch works on comol models (it reads and sets ``cast_input_dtype_enabled`` on every tuner
+    layer): outside it, a bf16 input reaches the adapter cast to the adapter's float32; inside it, as it came."""
+    from peft.helpers import disable_input_dtype_casting
+
+    model = get_peft_model(tiny_model(), build_config("comol", r=4, num_experts=2, target_modules=TARGETS))
+    layer = next(iter(mixture_layers(model).values()))
+    seen: list[torch.dtype] = []
+    forward = layer.adapter_forward
+    layer.adapter_forward = lambda name, x: (seen.append(x.dtype), forward(name, x.float()))[1]
+    x = torch.randn(2, 3, layer.in_features, dtype=torch.bfloat16)
+    layer.get_base_layer().to(torch.bfloat16)
+    with torch.no_grad():
+        layer(x)
+        with disable_input_dtype_casting(model):
+            assert not layer.cast_input_dtype_enabled
+            layer(x)
+        layer(x)
+    assert seen == [torch.float32, torch.bfloat16, torch.float32]
+    assert layer.cast_input_dtype_enabled

@@ -54,6 +54,7 @@ class AdapterContainers(BaseTunerLayer, RoutingObserver):
         self.module_key = module_key
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
+        self.cast_input_dtype_enabled = True  # peft's disable_input_dtype_casting switches it per module
         self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
         self.init_observer(context)
 
