@@ -436,3 +436,18 @@ def test_branch_never_copies_the_mixing_temporary(core_router: bool) -> None:
         )
         delta.sum().backward()
     assert copies.seen == []
+
+
+@pytest.mark.parametrize("core_router", [True, False])
+def test_inference_weights_copy_only_b_and_the_cores(core_router: bool) -> None:
+    """The kept layout costs ``r d_out`` (``B^T``) plus ``E r^2`` (the scaled cores), and ``E d_in`` more for input
+    routing's ``[A; W_g]``: ``A`` and the core-space router are read through views of the parameters."""
+    r, num_experts, d_in, d_out = 4, 3, 10, 6
+    lora_A, lora_B = torch.randn(r, d_in), torch.randn(d_out, r)
+    router, cores = torch.randn(num_experts, r if core_router else d_in), torch.randn(num_experts, r, r)
+    weights = kernels.prepare_inference(lora_A, router, cores, lora_B, 2.0, core_router)
+    parameters = {t.untyped_storage().data_ptr() for t in (lora_A, lora_B, router, cores)}
+    shared = {name for name, t in weights._asdict().items() if t.untyped_storage().data_ptr() in parameters}
+    assert shared == ({"lora_in", "router_weight"} if core_router else {"router_weight"})
+    assert weights.lora_B.shape == (r, d_out) and weights.lora_B.is_contiguous()
+    torch.testing.assert_close(weights.lora_B, lora_B.t())

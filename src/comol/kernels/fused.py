@@ -27,7 +27,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from comol.mixture.routing import few_experts_on_cpu, softmax_f32
 
@@ -279,18 +278,21 @@ def _branch_forward(
 
 class InferenceWeights(NamedTuple):
     """CoMoL's adapter weights laid out once for inference (:func:`prepare_inference`), so that a decoding step
-    runs the fewest operations: the scaling is folded into the cores and, for input routing, the router into
-    ``A``'s matmul.
+    runs the fewest operations, each on operands in the layout it reads fastest: the scaling is folded into the
+    cores, for input routing the router into ``A``'s matmul, and every matrix is stored as the right-hand operand
+    of ``torch.matmul`` (``(in, out)``): at decoding sizes ``F.linear``'s transposed dispatch costs about as much
+    as the product.
 
     Attributes:
-        lora_in: ``(r, d_in)``, ``A``, for core-space routing (folding ``W_g A`` in would read ``E d_in`` more
-            weights per token to save one small matmul); ``(r + E, d_in)``, ``[A; W_g]``, for input routing: one
-            matmul gives ``z`` and the router logits.
-        router_weight: ``(E, k)``, ``W_g``.
+        lora_in: ``(d_in, r)``, ``A^T`` (a view, no copy), for core-space routing (folding ``W_g A`` in would read
+            ``E d_in`` more weights per token to save one small matmul); ``(d_in, r + E)``, ``[A; W_g]^T``, for
+            input routing: one matmul gives ``z`` and the router logits.
+        router_weight: ``(k, E)``, ``W_g^T`` (a view).
         mixing: ``s * cores`` as one matrix: ``(E r_in, r_out)`` with ``C[(e, i), o] = M_e[o, i]`` when
             ``E <= r`` (the outer-product order), else ``(E, r_out r_in)``, mixed by the gates into each token's
             core (a temporary of ``r^2`` per token whatever ``E`` is).
-        lora_B: ``(d_out, r)``.
+        lora_B: ``(r, d_out)``, ``B^T`` as a contiguous copy (``r d_out`` values: a product with ``K = r`` reads a
+            transposed view markedly slower).
     """
 
     lora_in: torch.Tensor
@@ -319,7 +321,9 @@ def prepare_inference(
             mixing = scaled.transpose(1, 2).reshape(num_experts * r_in, r_out)
         else:  # row e: s M_e flattened [out, in]
             mixing = scaled.reshape(num_experts, r_out * r_in)
-        return InferenceWeights(lora_in, router_weight, mixing.to(cores.dtype).contiguous(), lora_B)
+        return InferenceWeights(
+            lora_in.t(), router_weight.t(), mixing.to(cores.dtype).contiguous(), lora_B.t().contiguous()
+        )
 
 
 def branch_inference(
@@ -341,22 +345,22 @@ def branch_inference(
         ``delta (..., d_out)`` (scaling included) and ``probs (..., E)`` float32.
     """
     lora_in, router_weight, mixing, lora_B = weights
-    num_experts, r = router_weight.shape[0], lora_B.shape[1]
-    if lora_in.shape[0] == r:  # core-space routing
-        z = F.linear(x, lora_in)  # (..., r)
-        logits = F.linear(z, router_weight)  # (..., E)
+    r, num_experts = lora_B.shape[0], router_weight.shape[1]
+    if lora_in.shape[1] == r:  # core-space routing
+        z = torch.matmul(x, lora_in)  # (..., r)
+        logits = torch.matmul(z, router_weight)  # (..., E)
     elif router_x is None:
-        z, logits = F.linear(x, lora_in).split_with_sizes((r, num_experts), dim=-1)  # (..., r), (..., E)
+        z, logits = torch.matmul(x, lora_in).split_with_sizes((r, num_experts), dim=-1)  # (..., r), (..., E)
     else:
-        z, logits = F.linear(x, lora_in[:r]), F.linear(router_x, router_weight)
+        z, logits = torch.matmul(x, lora_in[:, :r]), torch.matmul(router_x, router_weight)
     probs = softmax_f32(logits)  # (..., E) float32
     gates = probs if probs.dtype == z.dtype else probs.to(z.dtype)
     if num_experts <= r:  # (g ⊗ z) C: one GEMM over K = E r (the layout prepare_inference chose)
-        mixed = (gates.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2) @ mixing  # (..., r)
+        mixed = torch.matmul((gates.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2), mixing)  # (..., r)
     else:  # each token's core sum_e g_e s M_e (..., r, r), then its product with z
-        merged = (gates @ mixing).unflatten(-1, (r, r))  # (..., r_out, r_in)
-        mixed = (merged @ z.unsqueeze(-1)).squeeze(-1)  # (..., r)
-    return F.linear(mixed, lora_B), probs
+        merged = torch.matmul(gates, mixing).unflatten(-1, (r, r))  # (..., r_out, r_in)
+        mixed = torch.matmul(merged, z.unsqueeze(-1)).squeeze(-1)  # (..., r)
+    return torch.matmul(mixed, lora_B), probs
 
 
 class _CoMoLBranch(torch.autograd.Function):

@@ -107,9 +107,12 @@ class CoMoLLayer(MixtureLayer):
         """``(..., d_in) -> (..., d_out)``: ``(alpha/r) B (sum_e g_e M_e) A dropout(x)``."""
         impl: kernels.CoreMixImplementation = self.implementation_for(x)
         config: CoMoLConfig = self.adapter_config[adapter_name]
-        modules = self._modules  # direct: nn.Module.__getattr__ is slow on the decoding hot path
-        lora_A, lora_B = modules["comol_A"][adapter_name], modules["comol_B"][adapter_name]
-        router, cores = modules["comol_router"][adapter_name], modules["comol_cores"][adapter_name]
+        # The containers' own dicts, read directly: nn.Module.__getattr__ and the containers' __getitem__ are
+        # Python calls that a decoding step pays per layer (ZeRO-3's gathering _parameters mapping still applies).
+        modules = self._modules
+        lora_A, lora_B = modules["comol_A"]._modules[adapter_name], modules["comol_B"]._modules[adapter_name]
+        router = modules["comol_router"]._modules[adapter_name]
+        cores = modules["comol_cores"]._parameters[adapter_name]
         router_weight = (
             _plain_weight(router)
             if impl.routed is not None
@@ -117,7 +120,7 @@ class CoMoLLayer(MixtureLayer):
             and not (config.aux_loss_coef > 0 and self.training)  # the balancing loss needs probs' graph
             else None
         )
-        dropout = modules["adapter_dropout"][adapter_name]
+        dropout = modules["adapter_dropout"]._modules[adapter_name]
         x_in = x if type(dropout) is nn.Identity else dropout(x)  # (..., d_in)
         if router_weight is not None and impl.branch is not None:
             weight_A, weight_B = _plain_weight(lora_A), _plain_weight(lora_B)
