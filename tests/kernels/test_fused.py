@@ -282,7 +282,7 @@ def _count_builds(layer: comol.mixture.MixtureLayer, monkeypatch) -> list[int]:
     original = layer.inference_weights
 
     def counting(name, sources, build, settings=()):
-        return original(name, sources, lambda: builds.append(1) or build(), settings)
+        return original(name, sources, lambda *args: builds.append(1) or build(*args), settings)
 
     monkeypatch.setattr(layer, "inference_weights", counting)
     return builds

@@ -131,12 +131,11 @@ class CoMoLLayer(MixtureLayer):
                     not torch.is_grad_enabled()
                     or not (x.requires_grad or any(t.requires_grad for t in sources))
                 ):  # inference (decoding): weights laid out once, kept between steps
-                    scaling = self.scaling[adapter_name]
                     weights = self.inference_weights(
                         adapter_name,
                         sources,
-                        lambda: impl.prepare_inference(*sources, scaling, config.core_router),
-                        (scaling, config.core_router),
+                        impl.prepare_inference,
+                        (self.scaling[adapter_name], config.core_router),
                     )
                     delta, probs = impl.branch_inference(x_in, weights, router_x)
                 else:  # the whole branch (A, router, softmax, mixing, B, scaling) in one autograd node

@@ -24,6 +24,7 @@ auxiliary losses.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -45,6 +46,10 @@ T = TypeVar("T")
 def _never() -> bool:
     return False
 
+
+# A tensor's version counter and storage address: what inference_weights keys its kept weights on.
+_version_of = operator.attrgetter("_version")
+_data_ptr_of = operator.methodcaller("data_ptr")
 
 # Whether weights may be sharded and gathered into reused storage (``torch.distributed`` initialised).
 _sharding_possible = torch.distributed.is_initialized if torch.distributed.is_available() else _never
@@ -98,9 +103,9 @@ class MixtureLayer(nn.Module, AdapterContainers):
         self.adapter_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.implementation = "auto"  # how adapter_forward computes the update, see set_implementation
-        self._resolved_implementations: dict[tuple[str, str, torch.dtype], Any] = {}
+        self._resolved_implementations: dict[tuple[str, torch.device, torch.dtype], Any] = {}
         # adapter name -> (key of the weights it was built from, weights laid out for inference)
-        self._inference_weights: dict[str, tuple[list[Any], Any]] = {}
+        self._inference_weights: dict[str, tuple[tuple[Any, ...], Any]] = {}
         self.kwargs = kwargs
 
     # ----------------------------------------------------------------------------------------------
@@ -259,7 +264,7 @@ class MixtureLayer(nn.Module, AdapterContainers):
 
     def implementation_for(self, x: torch.Tensor) -> Any:
         """The resolved :attr:`implementation` for ``x``'s device and dtype (cached)."""
-        key = (self.implementation, x.device.type, x.dtype)
+        key = (self.implementation, x.device, x.dtype)  # the device itself: its .type costs as much again
         resolved = self._resolved_implementations.get(key)
         if resolved is None:
             resolved = self._resolved_implementations[key] = self.resolve_implementation(key[0], x)
@@ -269,11 +274,11 @@ class MixtureLayer(nn.Module, AdapterContainers):
         self,
         adapter_name: str,
         sources: tuple[torch.Tensor, ...],
-        build: Callable[[], T],
+        build: Callable[..., T],
         settings: tuple[Any, ...] = (),
     ) -> T:
-        """``build()``: weights derived from ``sources`` for inference (e.g. CoMoL's scaled cores), kept between
-        calls while the layer is in eval mode and neither a source nor ``settings`` changed.
+        """``build(*sources, *settings)``: weights derived from ``sources`` for inference (e.g. CoMoL's scaled
+        cores), kept between calls while the layer is in eval mode and neither a source nor ``settings`` changed.
 
         A source counts as unchanged while its storage (``data_ptr``) and version counter are: optimizer steps,
         ``load_state_dict`` and every in-place op bump the counter. Writes through ``.data`` do not, so the kept
@@ -285,21 +290,20 @@ class MixtureLayer(nn.Module, AdapterContainers):
         Args:
             adapter_name: the adapter the weights belong to.
             sources: the tensors the weights are derived from.
-            build: computes the weights from ``sources``.
+            build: computes the weights from ``sources`` and ``settings`` (called with both, so that a hit creates
+                no closure: this runs once per layer and decoded token).
             settings: the other values ``build`` reads (e.g. the scaling), compared by equality.
         """
         if self.training or torch.compiler.is_compiling() or _sharding_possible():
-            return build()
+            return build(*sources, *settings)
         try:
-            key = [t._version for t in sources]
+            key = (*map(_version_of, sources), *map(_data_ptr_of, sources), *settings)
         except RuntimeError:  # inference tensors have no version counter
-            return build()
-        key.extend([t.data_ptr() for t in sources])
-        key.extend(settings)
+            return build(*sources, *settings)
         kept = self._inference_weights.get(adapter_name)
         if kept is not None and kept[0] == key:
             return kept[1]
-        weights = build()
+        weights = build(*sources, *settings)
         self._inference_weights[adapter_name] = (key, weights)
         return weights
 
@@ -323,8 +327,12 @@ class MixtureLayer(nn.Module, AdapterContainers):
         modules = self._modules
         for layer_name in self.adapter_layer_names:
             container = modules.get(layer_name)
-            if container is not None and adapter_name in container:
-                item = container[adapter_name]
+            if container is None:
+                continue
+            item = container._modules.get(adapter_name)  # a ModuleDict's entry, else a ParameterDict's
+            if item is None:
+                item = container._parameters.get(adapter_name)
+            if item is not None:
                 if isinstance(item, torch.Tensor):
                     tensor = item
                 else:  # a module: its weight, else its first parameter
