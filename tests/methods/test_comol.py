@@ -53,6 +53,29 @@ def test_layer_matches_paper_formula_float64(core_router, shape):
     torch.testing.assert_close(layer(x), naive_comol(layer, x), rtol=1e-12, atol=1e-12)
 
 
+def _cores_as_plain_attribute(layer: nn.Module) -> None:
+    """What FSDP1 does to every parameter during forward: off ``_parameters``, a plain attribute instead."""
+    container = layer.comol_cores
+    cores = container._parameters.pop("default")
+    object.__setattr__(container, "default", cores.detach().clone().requires_grad_())
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_cores_found_where_fsdp1_puts_them_during_forward(grad):
+    _, layer = comol_layer()
+    x = torch.randn(2, 3, 12, dtype=torch.float64)
+    expected = naive_comol(layer, x)
+    _cores_as_plain_attribute(layer)
+    assert "default" not in layer.comol_cores._parameters
+    layer.eval()
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+    # the dtype lookup finds them there too (read from the cores alone)
+    layer.adapter_layer_names = ("comol_cores",)
+    layer.comol_cores.default = layer.comol_cores.default.float()
+    assert layer.adapter_dtype("default") == torch.float32
+
+
 def test_top_k_matches_formula_and_keeps_k_experts():
     _, layer = comol_layer(top_k=2)
     x = torch.randn(4, 5, 12, dtype=torch.float64)

@@ -112,7 +112,11 @@ class CoMoLLayer(MixtureLayer):
         modules = self._modules
         lora_A, lora_B = modules["comol_A"]._modules[adapter_name], modules["comol_B"]._modules[adapter_name]
         router = modules["comol_router"]._modules[adapter_name]
-        cores = modules["comol_cores"]._parameters[adapter_name]
+        # FSDP1 takes parameters off _parameters during forward, setting views of its flat parameter as attributes
+        core_params = modules["comol_cores"]._parameters
+        cores = (
+            core_params[adapter_name] if adapter_name in core_params else modules["comol_cores"][adapter_name]
+        )
         router_weight = (
             _plain_weight(router)
             if impl.routed is not None

@@ -332,6 +332,8 @@ class MixtureLayer(nn.Module, AdapterContainers):
             item = container._modules.get(adapter_name)  # a ModuleDict's entry, else a ParameterDict's
             if item is None:
                 item = container._parameters.get(adapter_name)
+            if item is None and adapter_name in container:  # FSDP1's views, plain attributes during forward
+                item = container[adapter_name]
             if item is not None:
                 if isinstance(item, torch.Tensor):
                     tensor = item
