@@ -349,15 +349,6 @@ class MixtureLayer(nn.Module, AdapterContainers):
             return base.weight.dtype
         return getattr(base, "compute_dtype", None) or torch.float32  # a quantized base stores integers
 
-    def _cast_input_dtype(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``x`` in the adapter's ``dtype``, unless peft's ``disable_input_dtype_casting`` turned casting off for
-        this layer (``cast_input_dtype_enabled``). peft's version reads the switch with ``getattr`` and a default,
-        which costs a failed ``nn.Module.__getattr__`` on every forward of a layer that lacks it; the dtype test
-        comes first here."""
-        if x.dtype == dtype or not self.cast_input_dtype_enabled:
-            return x
-        return x.to(dtype=dtype)
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``(..., d_in) -> (..., d_out)``: the base layer plus every active adapter's update."""
         if self.context.adapter_names is not None:
