@@ -139,6 +139,70 @@ def test_branch_inference_matches_eager_float64(n: int, routing: str, num_expert
 
 @ORDERS
 @ROUTINGS
+@pytest.mark.parametrize("num_experts", [3, 7], ids=["E<=r", "E>r"])
+@pytest.mark.parametrize("prepared", ["traced", "kept"])
+def test_branch_inference_under_compile_matches_eager_float64(
+    n: int, routing: str, num_experts: int, prepared: str
+) -> None:
+    """Traced by ``torch.compile`` (``fullgraph``), few tokens take the fusible form (broadcast products and
+    sums), more the matmuls; the weights are laid out inside the graph ("traced") or kept from an eager call
+    ("kept": the layout eager chose, e.g. merged cores for E > r). Same numbers as the eager branch."""
+    args = tuple(
+        a.detach() if isinstance(a, torch.Tensor) else a for a in _branch_inputs(n, routing, num_experts)
+    )
+    x, lora_A, w, cores, lora_B, scaling, core_router, router_x = args
+    with torch.no_grad():
+        d0, p0 = _eager_branch(*args)
+    kept = kernels.prepare_inference(lora_A, w, cores, lora_B, scaling, core_router)
+
+    def branch(x, router_x, lora_A, w, cores, lora_B):
+        if prepared == "kept":
+            weights = kept
+        else:
+            weights = kernels.prepare_inference(lora_A, w, cores, lora_B, scaling, core_router)
+        return kernels.branch_inference(x, weights, router_x)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(branch, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        d1, p1 = compiled(x, router_x, lora_A, w, cores, lora_B)
+    torch.testing.assert_close(d1, d0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(p1, p0.to(p1.dtype), rtol=1e-12, atol=1e-12)
+
+
+def test_branch_inference_fusible_form_is_what_compile_traces_for_few_tokens() -> None:
+    """The fusible form replaces the small matmuls (router logits, mixing) for decoding sizes only: traced for
+    few tokens, the graph holds the matmuls of ``A`` and ``B`` alone; for many tokens, all four."""
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in _branch_inputs(6, "core"))
+    _, lora_A, w, cores, lora_B, scaling, core_router, _ = args
+    counts = {}
+    for n in (2, 130):
+        graphs = []
+
+        def backend(gm, example_inputs, graphs=graphs):
+            graphs.append(gm)
+            return gm
+
+        torch._dynamo.reset()
+        xs = torch.randn(n, 5, dtype=torch.float64)
+        with torch.no_grad():
+            torch.compile(
+                lambda x: kernels.branch_inference(
+                    x, kernels.prepare_inference(lora_A, w, cores, lora_B, scaling, core_router)
+                ),
+                fullgraph=True,
+                backend=backend,
+            )(xs)
+        counts[n] = sum(
+            node.target in (torch.matmul, torch.ops.aten.mm.default)
+            for gm in graphs
+            for node in gm.graph.nodes
+        )
+    assert counts == {2: 2, 130: 4}
+
+
+@ORDERS
+@ROUTINGS
 def test_gradcheck_branch(n: int, routing: str) -> None:
     x, lora_A, w, cores, lora_B, scaling, core_router, router_x = _branch_inputs(n, routing)
 

@@ -321,9 +321,9 @@ def prepare_inference(
             mixing = scaled.transpose(1, 2).reshape(num_experts * r_in, r_out)
         else:  # row e: s M_e flattened [out, in]
             mixing = scaled.reshape(num_experts, r_out * r_in)
-        return InferenceWeights(
-            lora_in.t(), router_weight.t(), mixing.to(cores.dtype).contiguous(), lora_B.t().contiguous()
-        )
+        # traced by torch.compile, this runs every step (nothing is kept): B^T stays a view that the matmul reads
+        lora_b = lora_B.t() if torch.compiler.is_compiling() else lora_B.t().contiguous()
+        return InferenceWeights(lora_in.t(), router_weight.t(), mixing.to(cores.dtype).contiguous(), lora_b)
 
 
 def branch_inference(
@@ -344,6 +344,8 @@ def branch_inference(
     Returns:
         ``delta (..., d_out)`` (scaling included) and ``probs (..., E)`` float32.
     """
+    if torch.compiler.is_compiling() and x.numel() <= SMALL_N * x.shape[-1]:
+        return _branch_inference_fusible(x, weights, router_x)
     lora_in, router_weight, mixing, lora_B = weights
     r, num_experts = lora_B.shape[0], router_weight.shape[1]
     if lora_in.shape[1] == r:  # core-space routing
@@ -360,6 +362,34 @@ def branch_inference(
     else:  # each token's core sum_e g_e s M_e (..., r, r), then its product with z
         merged = torch.matmul(gates, mixing).unflatten(-1, (r, r))  # (..., r_out, r_in)
         mixed = torch.matmul(merged, z.unsqueeze(-1)).squeeze(-1)  # (..., r)
+    return torch.matmul(mixed, lora_B), probs
+
+
+def _branch_inference_fusible(
+    x: torch.Tensor, weights: InferenceWeights, router_x: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`branch_inference` for few tokens under ``torch.compile`` (same arguments and results): the small
+    products (core-space router logits, the mixing) are written as broadcast products and sums, which inductor
+    fuses with the softmax into one generated kernel, where matmuls would be separate library calls, each
+    costing more than its arithmetic at decoding sizes. ``A`` and ``B`` stay matmuls. Reads either layout of
+    ``weights.mixing``."""
+    lora_in, router_weight, mixing, lora_B = weights
+    r, num_experts = lora_B.shape[0], router_weight.shape[1]
+    if lora_in.shape[1] == r:  # core-space routing
+        z = torch.matmul(x, lora_in)  # (..., r)
+        logits = (z.unsqueeze(-1) * router_weight).sum(-2)  # (..., E)
+    elif router_x is None:
+        z, logits = torch.matmul(x, lora_in).split_with_sizes((r, num_experts), dim=-1)  # (..., r), (..., E)
+    else:
+        z, logits = torch.matmul(x, lora_in[:, :r]), torch.matmul(router_x, router_weight)
+    probs = softmax_f32(logits)  # (..., E) float32
+    gates = probs if probs.dtype == z.dtype else probs.to(z.dtype)
+    if mixing.shape == (num_experts * r, r):  # C[(e, i), o] = s M_e[o, i]
+        outer = (gates.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)  # (..., E r)
+        mixed = (outer.unsqueeze(-1) * mixing).sum(-2)  # (..., r)
+    else:  # row e: s M_e flattened [out, in]
+        merged = (gates.unsqueeze(-1) * mixing).sum(-2).unflatten(-1, (r, r))  # (..., r_out, r_in)
+        mixed = (merged * z.unsqueeze(-2)).sum(-1)  # (..., r)
     return torch.matmul(mixed, lora_B), probs
 
 
