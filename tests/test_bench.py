@@ -63,14 +63,15 @@ def test_model_level_targets_compare_each_variant_with_lora_of_the_same_model() 
         return {"model": "m", "variant": variant, "kind": kind, "batch": 4, "seq": 8, "r": 16,
                 "median_s": seconds, "saved_bytes": saved, "flops": 100 * seconds, "aten_s": seconds / 2}  # fmt: skip
 
-    def decode(variant: str, batch: int, seconds: float) -> dict:
-        return {"model": "m", "variant": variant, "kind": "decode", "batch": batch, "per_token_s": seconds,
+    def decode(variant: str, batch: int, seconds: float, kind: str = "decode") -> dict:
+        return {"model": "m", "variant": variant, "kind": kind, "batch": batch, "per_token_s": seconds,
                 "aten_s_per_token": 1.0 if variant == "lora" else 1.01}  # fmt: skip
 
     models = [train("lora", 1.0, 1000), train("comol E=8", 1.02, 1011), train("comol E=64", 1.06, 1000),
               train("comol w/o CR E=8", 1.07, 1000), decode("lora", 1, 1.0), decode("comol E=8", 1, 1.04),
               decode("lora", 8, 1.0), decode("comol E=8", 8, 1.2), train("lora", 2.0, 0, "train-compiled"),
-              train("comol E=8", 2.1, 0, "train-compiled")]  # fmt: skip
+              train("comol E=8", 2.1, 0, "train-compiled"), decode("lora", 1, 2.0, "decode-compiled"),
+              decode("comol E=8", 1, 2.2, "decode-compiled")]  # fmt: skip
     result = {"layers": [], "kernels": [], "models": models, "environment": {"device_type": "cpu"}}
     met = {t["target"]: (round(t["value"], 4), t["met"]) for t in targets(result)}
     assert met == {
@@ -81,6 +82,10 @@ def test_model_level_targets_compare_each_variant_with_lora_of_the_same_model() 
         "comol E=8 / LoRA (unmerged): decode per token, batch 1": (1.04, True),
         "comol E=8 / LoRA (unmerged): decode per token, batch 8": (1.2, False),
         "comol E=8 / LoRA: compiled training step (torch.compile, fullgraph)": (1.05, False),
+        "comol E=8 / LoRA: compiled decode per token (torch.compile, fullgraph, static cache), batch 1": (
+            1.1,
+            False,
+        ),
     }
     flops = {t["target"]: t["work"] for t in targets(result) if t["work"] is not None}
     assert flops == pytest.approx({"comol E=8 / LoRA: training step": 1.02, "comol E=64 / LoRA: training step": 1.06,
@@ -139,3 +144,26 @@ def test_decode_op_count_orders_base_lora_comol() -> None:
     assert count_decode_ops(models, 64, batch=3, seed=0) == ops
     aten = decode_aten_seconds(models, 64, batch=1, seed=0, steps=2)
     assert set(aten) == set(models) and all(0 < seconds < 1 for seconds in aten.values())
+
+
+@pytest.mark.slow
+def test_compiled_decoding_runs_every_planned_step_on_one_static_cache() -> None:
+    """The compiled decoding timer (inductor, ``fullgraph=True``, ``StaticCache``) runs LoRA and CoMoL: the
+    cache is sized for the warm-up and every timed round, so no step writes past its end."""
+    from comol.bench.config import BenchConfig
+    from comol.bench.model_level import build_model_variants, time_compiled_decoding
+    from comol.bench.variants import Variant
+    from training.tiny import make_tiny_model
+
+    cfg = BenchConfig(repeats=2, decode_tokens=3)
+    variants = [
+        Variant("lora", "lora", uses_experts=False),
+        Variant("comol E=2", "comol", {"num_experts": 2}),
+    ]
+    models, errors = build_model_variants(
+        cfg, torch.device("cpu"), torch.float32, lambda: make_tiny_model(64), variants, r=4
+    )
+    assert not errors
+    torch._dynamo.reset()
+    per_token = time_compiled_decoding(cfg, torch.device("cpu"), models, 64, batch=2)
+    assert set(per_token) == set(models) and all(0 < seconds < 5 for seconds in per_token.values())

@@ -35,9 +35,8 @@ class BenchConfig:
     smollm2_seq: int = 512
     decode_tokens: int = 32
     decode_batches: list[int] = field(default_factory=lambda: [1, 8, 32])
-    compiled_step: bool = (
-        True  # also time a torch.compile(fullgraph=True) training step of LoRA and CoMoL E=8
-    )
+    # also time LoRA and CoMoL E=8 compiled by torch.compile(fullgraph=True): a training step and cached decoding
+    compiled_step: bool = True
     compiled_models: list[str] = field(default_factory=lambda: ["tiny-llama"])
     device: str = "auto"
     dtype: str = "auto"  # bfloat16 on CUDA, float32 on CPU

@@ -219,6 +219,49 @@ def time_decoding(
     }
 
 
+def time_compiled_decoding(
+    cfg: BenchConfig, device: torch.device, models: dict[str, nn.Module], vocab: int, batch: int
+) -> dict[str, float]:
+    """Per model: time per cached decoding step (one new token for ``batch`` sequences after a 16-token prompt)
+    with the transformers model's forward compiled by ``torch.compile(fullgraph=True)`` on a static KV cache
+    (``transformers.StaticCache``, what compiled generation uses); compilation is untimed warm-up.
+
+    Each timed call runs ``cfg.decode_tokens`` steps at the next positions of one cache, sized for every call
+    (a static cache attends over its whole length, masked, so each step costs the same wherever it writes).
+    """
+    from transformers import StaticCache
+
+    prompt_len, rounds = 16, model_rounds(cfg)
+    total = prompt_len + cfg.decode_tokens * (rounds + 1)  # + 1: the warm-up round
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + batch)
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(device)
+    positions = [torch.tensor([p], device=device) for p in range(prompt_len, total)]
+    cases = {}
+    for label, model in models.items():
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner.eval()
+        cache = StaticCache(config=inner.config, max_cache_len=total)
+        forward = torch.compile(inner.forward, fullgraph=True, dynamic=False)
+        with torch.inference_mode():
+            out = inner(input_ids=prompt, past_key_values=cache, use_cache=True,
+                        cache_position=torch.arange(prompt_len, device=device))  # fmt: skip
+        token = out.logits[:, -1:].argmax(-1)
+        steps = iter(positions)
+
+        def run(
+            forward: Callable = forward, cache: Any = cache, token: torch.Tensor = token, steps: Any = steps
+        ) -> None:
+            with torch.inference_mode():
+                for _ in range(cfg.decode_tokens):
+                    forward(
+                        input_ids=token, past_key_values=cache, cache_position=next(steps), use_cache=True
+                    )
+
+        cases[label] = run
+    times = interleaved_medians(cases, device, rounds, 1)
+    return {label: times[label]["median_s"] / cfg.decode_tokens for label in models}
+
+
 class _OpCounter(TorchDispatchMode):
     """Counts the ATen operations dispatched while active (each one a kernel launch on a GPU)."""
 
@@ -324,6 +367,12 @@ def bench_model(
             rows.append({"model": name, "variant": label, "kind": "decode", "batch": decode_batch,
                          "new_tokens": cfg.decode_tokens, "r": r, "per_token_s": per_token,
                          "ops_per_token": ops[label], "aten_s_per_token": aten[label]})  # fmt: skip
+        if cfg.compiled_step and name in cfg.compiled_models and compiled:
+            torch._dynamo.reset()
+            chosen = {label: models[label] for label in compiled}
+            for label, per_token in time_compiled_decoding(cfg, device, chosen, vocab, decode_batch).items():
+                rows.append({"model": name, "variant": label, "kind": "decode-compiled", "batch": decode_batch,
+                             "new_tokens": cfg.decode_tokens, "r": r, "per_token_s": per_token})  # fmt: skip
     for label, message in errors.items():
         rows.append({"model": name, "variant": label, "kind": "error", "error": message})
     return rows

@@ -143,6 +143,12 @@ def model_targets(models: list[dict[str, Any]], model: str, add: Any) -> None:
                 _ratio(comol_dec["per_token_s"], lora_dec["per_token_s"]), DECODE_LIMIT,
                 work=_ratio(comol_dec.get("ops_per_token"), lora_dec.get("ops_per_token")),
                 aten=_ratio(comol_dec.get("aten_s_per_token"), lora_dec.get("aten_s_per_token")))  # fmt: skip
+    for batch in (1, 8):
+        lora_dec = _find(models, model=model, variant="lora", kind="decode-compiled", batch=batch)
+        comol_dec = _find(models, model=model, variant="comol E=8", kind="decode-compiled", batch=batch)
+        if lora_dec and comol_dec:
+            add(f"comol E=8 / LoRA: compiled decode per token (torch.compile, fullgraph, static cache), batch {batch}",
+                model, _ratio(comol_dec["per_token_s"], lora_dec["per_token_s"]), DECODE_LIMIT)  # fmt: skip
     lora_c = _find(models, model=model, variant="lora", kind="train-compiled")
     comol_c = _find(models, model=model, variant="comol E=8", kind="train-compiled")
     if lora_c and comol_c:
@@ -250,7 +256,9 @@ def markdown(result: dict[str, Any], plots: list[str]) -> str:
                 "Trainer uses by default) and greedy decoding with the KV cache; decode time per token = (time for "
                 "n new tokens - time for 1) / (n - 1). *ATen ms / token* is the host time spent inside ATen operations "
                 "in one cached decoding step (the sum of their self CPU times under `torch.profiler`); the rest of the "
-                "step's time is Python: module calls and the binding of each operation.", ""]  # fmt: skip
+                "step's time is Python: module calls and the binding of each operation. *(compiled)*: the step, or the "
+                "transformers model's forward for decoding (on a static KV cache, one token per step), compiled by "
+                "`torch.compile(fullgraph=True)`; its ratio is to LoRA compiled alike.", ""]  # fmt: skip
         train = [m for m in models if m["kind"] in ("train", "train-compiled")]
         out.append(_table(
             ["model", "variant", "batch x seq", "step ms", "ATen ms", "tokens/s", "GFLOP", "saved MiB", "peak MiB",
@@ -261,11 +269,12 @@ def markdown(result: dict[str, Any], plots: list[str]) -> str:
               _mib(m["saved_bytes"]), _mib(m["peak_bytes"]), f"{m['trainable_params']:,}"] for m in train),
         ))  # fmt: skip
         out.append("")
-        decode = [m for m in models if m["kind"] == "decode"]
+        decode = [m for m in models if m["kind"] in ("decode", "decode-compiled")]
         out.append(_table(
             ["model", "variant", "batch", "ms / token", "/ LoRA", "ATen ops / token", "ATen ms / token"],
-            ([m["model"], m["variant"], str(m["batch"]), _ms(m["per_token_s"]),
-              _fmt_ratio(_ratio(m["per_token_s"], (_find(models, model=m["model"], variant="lora", kind="decode",
+            ([m["model"], m["variant"] + (" (compiled)" if m["kind"] == "decode-compiled" else ""), str(m["batch"]),
+              _ms(m["per_token_s"]),
+              _fmt_ratio(_ratio(m["per_token_s"], (_find(models, model=m["model"], variant="lora", kind=m["kind"],
                                                          batch=m["batch"]) or {}).get("per_token_s"))),
               str(m.get("ops_per_token", "n/a")),
               _ms(m.get("aten_s_per_token"))]

@@ -33,7 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--no-model", action="store_true", help="skip the model-level benchmarks")
     parser.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2-135M")
     parser.add_argument(
-        "--no-compile", action="store_true", help="skip the torch.compile training step (tiny model)"
+        "--no-compile",
+        action="store_true",
+        help="skip the torch.compile training step and decoding (tiny model)",
     )
     parser.add_argument("--train-batch", type=int)
     parser.add_argument("--train-seq", type=int)
