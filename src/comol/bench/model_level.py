@@ -6,6 +6,7 @@ times training (:func:`time_training`) and decoding (:func:`time_decoding`) with
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -87,16 +88,13 @@ def build_model_variants(
 
     A variant that fails to build is recorded as an error instead of stopping the suite.
     """
-    base_state = None
+    torch.manual_seed(cfg.seed)
+    base = factory()  # built once (loading SmolLM2's GGUF takes seconds), copied for every variant
     models: dict[str, nn.Module] = {}
     errors: dict[str, str] = {}
     for variant in variants:
         torch.manual_seed(cfg.seed)
-        model = factory()
-        if base_state is None:
-            base_state = {k: v.clone() for k, v in model.state_dict().items()}
-        else:
-            model.load_state_dict(base_state)
+        model = copy.deepcopy(base)
         model.config.use_cache = True
         try:
             model = build_adapted(model, variant, r, MODEL_TARGETS)
@@ -219,6 +217,19 @@ def time_decoding(
     }
 
 
+def _own_code(model: nn.Module) -> Callable[..., Any]:
+    """``model``'s forward through a function with a code object of its own. Dynamo keeps compiled code per code
+    object and checks the guards of every entry kept for it: timed side by side, models whose forwards share one
+    code object (every ``LlamaForCausalLM.forward``) would each first fail the other's guards, which a user's
+    single compiled model never does."""
+
+    def forward(**kwargs: Any) -> Any:
+        return model(**kwargs)
+
+    forward.__code__ = forward.__code__.replace()  # a distinct (identical) code object per model
+    return forward
+
+
 def time_compiled_decoding(
     cfg: BenchConfig, device: torch.device, models: dict[str, nn.Module], vocab: int, batch: int
 ) -> dict[str, float]:
@@ -227,11 +238,15 @@ def time_compiled_decoding(
     (``transformers.StaticCache``, what compiled generation uses); compilation is untimed warm-up.
 
     Each timed call runs ``cfg.decode_tokens`` steps at the next positions of one cache, sized for every call
-    (a static cache attends over its whole length, masked, so each step costs the same wherever it writes).
+    (a static cache attends over its whole length, masked, so each step costs the same wherever it writes). Each
+    model is compiled through a code object of its own (:func:`_own_code`), as a user's one model would be.
     """
     from transformers import StaticCache
 
-    prompt_len, rounds = 16, model_rounds(cfg)
+    prompt_len, rounds = (
+        16,
+        3 * model_rounds(cfg),
+    )  # a round is milliseconds: more of them, for a stable median
     total = prompt_len + cfg.decode_tokens * (rounds + 1)  # + 1: the warm-up round
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + batch)
     prompt = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(device)
@@ -241,7 +256,7 @@ def time_compiled_decoding(
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         inner.eval()
         cache = StaticCache(config=inner.config, max_cache_len=total)
-        forward = torch.compile(inner.forward, fullgraph=True, dynamic=False)
+        forward = torch.compile(_own_code(inner), fullgraph=True, dynamic=False)
         with torch.inference_mode():
             out = inner(input_ids=prompt, past_key_values=cache, use_cache=True,
                         cache_position=torch.arange(prompt_len, device=device))  # fmt: skip
