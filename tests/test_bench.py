@@ -167,3 +167,13 @@ def test_compiled_decoding_runs_every_planned_step_on_one_static_cache() -> None
     torch._dynamo.reset()
     per_token = time_compiled_decoding(cfg, torch.device("cpu"), models, 64, batch=2)
     assert set(per_token) == set(models) and all(0 < seconds < 5 for seconds in per_token.values())
+
+
+def test_measured_ratio_shows_a_third_decimal_only_where_two_would_print_the_limit() -> None:
+    from comol.bench.report import _fmt_measured
+
+    assert _fmt_measured(1.054, 1.05) == "1.054x"  # not met, though "1.05x" would read as the limit
+    assert _fmt_measured(1.046, 1.05) == "1.046x"
+    assert _fmt_measured(1.05, 1.05) == "1.05x"
+    assert _fmt_measured(1.2, 1.05) == "1.20x"
+    assert _fmt_measured(None, 1.05) == "n/a"

@@ -34,6 +34,14 @@ def _fmt_ratio(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}x"
 
 
+def _fmt_measured(value: float | None, limit: float) -> str:
+    """A target's measured ratio, with a third decimal where two would print the limit itself (1.054x against
+    1.05x reads "1.05x, not met" otherwise)."""
+    if value is not None and f"{value:.2f}" == f"{limit:.2f}" and value != limit:
+        return f"{value:.3f}x"
+    return _fmt_ratio(value)
+
+
 def _table(header: list[str], rows: Iterable[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -215,7 +223,7 @@ def markdown(result: dict[str, Any], plots: list[str]) -> str:
             "the operations themselves cost that much.",
             "", _table(
         ["target", "where", "measured", "limit", "met", "work", "ATen time"],
-        ([c["target"], c["where"], _fmt_ratio(c["value"]), f"{c['op']} {c['limit']:.2f}x",
+        ([c["target"], c["where"], _fmt_measured(c["value"], c["limit"]), f"{c['op']} {c['limit']:.2f}x",
           "n/a" if c["met"] is None else ("yes" if c["met"] else "**no**"),
           _fmt_ratio(c.get("work")) if c.get("work") is not None else "",
           _fmt_ratio(c.get("aten")) if c.get("aten") is not None else ""] for c in checks),
