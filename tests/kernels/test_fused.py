@@ -170,35 +170,37 @@ def test_branch_inference_under_compile_matches_eager_float64(
     torch.testing.assert_close(p1, p0.to(p1.dtype), rtol=1e-12, atol=1e-12)
 
 
-def test_branch_inference_fusible_form_is_what_compile_traces_for_few_tokens() -> None:
-    """The fusible form replaces the small matmuls (router logits, mixing) for decoding sizes only: traced for
-    few tokens, the graph holds the matmuls of ``A`` and ``B`` alone; for many tokens, all four."""
+def _traced_matmuls(n: int) -> int:
+    """Matmuls in the graph ``torch.compile`` traces for the decoding branch on ``n`` tokens (core routing)."""
     args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in _branch_inputs(6, "core"))
     _, lora_A, w, cores, lora_B, scaling, core_router, _ = args
-    counts = {}
-    for n in (2, 130):
-        graphs = []
+    graphs = []
 
-        def backend(gm, example_inputs, graphs=graphs):
-            graphs.append(gm)
-            return gm
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
 
-        torch._dynamo.reset()
-        xs = torch.randn(n, 5, dtype=torch.float64)
-        with torch.no_grad():
-            torch.compile(
-                lambda x: kernels.branch_inference(
-                    x, kernels.prepare_inference(lora_A, w, cores, lora_B, scaling, core_router)
-                ),
-                fullgraph=True,
-                backend=backend,
-            )(xs)
-        counts[n] = sum(
-            node.target in (torch.matmul, torch.ops.aten.mm.default)
-            for gm in graphs
-            for node in gm.graph.nodes
-        )
-    assert counts == {2: 2, 130: 4}
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(
+            lambda x: kernels.branch_inference(
+                x, kernels.prepare_inference(lora_A, w, cores, lora_B, scaling, core_router)
+            ),
+            fullgraph=True,
+            backend=backend,
+        )(torch.randn(n, 5, dtype=torch.float64))
+    return sum(
+        node.target in (torch.matmul, torch.ops.aten.mm.default) for gm in graphs for node in gm.graph.nodes
+    )
+
+
+def test_branch_inference_fusible_form_is_what_compile_traces_for_few_tokens(monkeypatch) -> None:
+    """The fusible form replaces the small matmuls (router logits, mixing) for decoding sizes only: traced for
+    few tokens, the graph holds the matmuls of ``A`` and ``B`` alone; for many tokens, all four; and also where
+    tokens x ``E r^2`` exceed ``FUSIBLE_MAX`` (a backend that does not fuse would materialise the products)."""
+    assert {n: _traced_matmuls(n) for n in (2, 130)} == {2: 2, 130: 4}
+    monkeypatch.setattr(kernels.fused, "FUSIBLE_MAX", 2 * 3 * 4 * 4 - 1)  # 2 tokens, E=3, r=4: one over
+    assert _traced_matmuls(2) == 4
 
 
 @ORDERS

@@ -31,6 +31,9 @@ import torch
 from comol.mixture.routing import few_experts_on_cpu, softmax_f32
 
 SMALL_N = 64  # up to this many tokens (decoding), the merged-core order has the lower fixed cost
+# Largest (tokens x E r^2) product the fusible decoding form (_branch_inference_fusible) is traced for: inductor
+# fuses its broadcast products into a reduction, a backend that does not fuse materialises them.
+FUSIBLE_MAX = 1 << 20
 
 
 def _merged_order(n: int, num_experts: int, r: int) -> bool:
@@ -292,7 +295,7 @@ class InferenceWeights(NamedTuple):
             ``E <= r`` (the outer-product order), else ``(E, r_out r_in)``, mixed by the gates into each token's
             core (a temporary of ``r^2`` per token whatever ``E`` is).
         lora_B: ``(r, d_out)``, ``B^T`` as a contiguous copy (``r d_out`` values: a product with ``K = r`` reads a
-            transposed view markedly slower).
+            transposed view markedly slower); a view while ``torch.compile`` traces (the copy would be made every step).
     """
 
     lora_in: torch.Tensor
@@ -344,7 +347,11 @@ def branch_inference(
     Returns:
         ``delta (..., d_out)`` (scaling included) and ``probs (..., E)`` float32.
     """
-    if torch.compiler.is_compiling() and x.numel() <= SMALL_N * x.shape[-1]:
+    if (
+        torch.compiler.is_compiling()
+        and x.numel() <= SMALL_N * x.shape[-1]
+        and x.numel() // x.shape[-1] * weights.mixing.numel() <= FUSIBLE_MAX
+    ):
         return _branch_inference_fusible(x, weights, router_x)
     lora_in, router_weight, mixing, lora_B = weights
     r, num_experts = lora_B.shape[0], router_weight.shape[1]
@@ -368,7 +375,8 @@ def branch_inference(
 def _branch_inference_fusible(
     x: torch.Tensor, weights: InferenceWeights, router_x: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`branch_inference` for few tokens under ``torch.compile`` (same arguments and results): the small
+    """:func:`branch_inference` for few tokens under ``torch.compile`` (at most :data:`SMALL_N`, and tokens x
+    ``E r^2`` at most :data:`FUSIBLE_MAX`; same arguments and results): the small
     products (core-space router logits, the mixing) are written as broadcast products and sums, which inductor
     fuses with the softmax into one generated kernel, where matmuls would be separate library calls, each
     costing more than its arithmetic at decoding sizes. ``A`` and ``B`` stay matmuls. Reads either layout of
