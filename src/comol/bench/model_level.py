@@ -233,48 +233,52 @@ def _own_code(model: nn.Module) -> Callable[..., Any]:
 def time_compiled_decoding(
     cfg: BenchConfig, device: torch.device, models: dict[str, nn.Module], vocab: int, batch: int
 ) -> dict[str, float]:
-    """Per model: time per cached decoding step (one new token for ``batch`` sequences after a 16-token prompt)
-    with the transformers model's forward compiled by ``torch.compile(fullgraph=True)`` on a static KV cache
-    (``transformers.StaticCache``, what compiled generation uses); compilation is untimed warm-up.
-
-    Each timed call runs ``cfg.decode_tokens`` steps at the next positions of one cache, sized for every call
-    (a static cache attends over its whole length, masked, so each step costs the same wherever it writes). Each
-    model is compiled through a code object of its own (:func:`_own_code`), as a user's one model would be.
+    """Per model: greedy decoding time per token with the transformers model's forward compiled by
+    ``torch.compile(fullgraph=True)`` on a static KV cache (``transformers.StaticCache``, what compiled generation
+    uses), measured as :func:`time_decoding` measures eager decoding: ``(t(n new) - t(1 new)) / (n - 1)``, each run
+    resetting the cache and encoding the 16-token prompt (eagerly) first. The cache holds the prompt and the
+    ``n`` new tokens, no more: a static cache attends over its whole length, masked, so a longer one would add
+    attention time alike to every model and draw their ratio towards 1. Each model is compiled through a code
+    object of its own (:func:`_own_code`), as a user's one model would be; compilation is untimed warm-up.
     """
     from transformers import StaticCache
 
-    prompt_len, rounds = (
-        16,
-        3 * model_rounds(cfg),
-    )  # a round is milliseconds: more of them, for a stable median
-    total = prompt_len + cfg.decode_tokens * (rounds + 1)  # + 1: the warm-up round
+    prompt_len = 16
+    rounds = 3 * model_rounds(cfg)  # a round is milliseconds: more of them, for a stable median
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + batch)
     prompt = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(device)
-    positions = [torch.tensor([p], device=device) for p in range(prompt_len, total)]
+    prompt_positions = torch.arange(prompt_len, device=device)
+    positions = [torch.tensor([p], device=device) for p in range(prompt_len, prompt_len + cfg.decode_tokens)]
     cases = {}
     for label, model in models.items():
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         inner.eval()
-        cache = StaticCache(config=inner.config, max_cache_len=total)
+        cache = StaticCache(config=inner.config, max_cache_len=prompt_len + cfg.decode_tokens)
         forward = torch.compile(_own_code(inner), fullgraph=True, dynamic=False)
-        with torch.inference_mode():
-            out = inner(input_ids=prompt, past_key_values=cache, use_cache=True,
-                        cache_position=torch.arange(prompt_len, device=device))  # fmt: skip
-        token = out.logits[:, -1:].argmax(-1)
-        steps = iter(positions)
 
-        def run(
-            forward: Callable = forward, cache: Any = cache, token: torch.Tensor = token, steps: Any = steps
-        ) -> None:
-            with torch.inference_mode():
-                for _ in range(cfg.decode_tokens):
-                    forward(
-                        input_ids=token, past_key_values=cache, cache_position=next(steps), use_cache=True
-                    )
+        def decode(
+            new_tokens: int, inner: nn.Module = inner, cache: Any = cache, forward: Callable = forward
+        ) -> Callable[[], None]:
+            def run() -> None:
+                with torch.inference_mode():
+                    cache.reset()
+                    out = inner(input_ids=prompt, past_key_values=cache, cache_position=prompt_positions,
+                                use_cache=True)  # fmt: skip
+                    for position in positions[: new_tokens - 1]:
+                        out = forward(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache,
+                                      cache_position=position, use_cache=True)  # fmt: skip
+                    out.logits[:, -1:].argmax(-1)  # the last token, as generate picks it
 
-        cases[label] = run
+            return run
+
+        cases[f"{label}\0long"] = decode(cfg.decode_tokens)
+        cases[f"{label}\0short"] = decode(1)
     times = interleaved_medians(cases, device, rounds, 1)
-    return {label: times[label]["median_s"] / cfg.decode_tokens for label in models}
+    return {
+        label: (times[f"{label}\0long"]["median_s"] - times[f"{label}\0short"]["median_s"])
+        / max(1, cfg.decode_tokens - 1)
+        for label in models
+    }
 
 
 class _OpCounter(TorchDispatchMode):
