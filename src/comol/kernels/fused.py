@@ -31,7 +31,7 @@ import torch
 from comol.mixture.routing import few_experts_on_cpu, softmax_f32
 
 SMALL_N = 64  # up to this many tokens (decoding), the merged-core order has the lower fixed cost
-# Largest (tokens x E r^2) product the fusible decoding form (_branch_inference_fusible) is traced for: inductor
+# Largest (tokens x E r^2) product the fusible decoding form (see branch_inference) is traced for: inductor
 # fuses its broadcast products into a reduction, a backend that does not fuse materialises them.
 FUSIBLE_MAX = 1 << 20
 
@@ -338,6 +338,12 @@ def branch_inference(
     logits; input routing: one matmul and a split. Then the float32 softmax, the mixing (an outer product and one
     matmul for ``E <= r``; the merged cores and their product with ``z`` above) and the matmul by ``B``.
 
+    Traced by ``torch.compile`` for few tokens (at most :data:`SMALL_N`, and tokens x ``E r^2`` at most
+    :data:`FUSIBLE_MAX`), the small products (core-space router logits, the mixing) are written instead as
+    broadcast products and sums, which inductor fuses with the softmax into one generated kernel, where matmuls
+    would be separate library calls, each costing more than its arithmetic at decoding sizes. ``A`` and ``B``
+    stay matmuls.
+
     Args:
         x: ``(..., d_in)`` input of ``A`` (after dropout).
         weights: the adapter's :class:`InferenceWeights`.
@@ -347,17 +353,18 @@ def branch_inference(
     Returns:
         ``delta (..., d_out)`` (scaling included) and ``probs (..., E)`` float32.
     """
-    if (
-        torch.compiler.is_compiling()
-        and x.numel() <= SMALL_N * x.shape[-1]
-        and x.numel() // x.shape[-1] * weights.mixing.numel() <= FUSIBLE_MAX
-    ):
-        return _branch_inference_fusible(x, weights, router_x)
     lora_in, router_weight, mixing, lora_B = weights
     r, num_experts = lora_B.shape[0], router_weight.shape[1]
+    fusible = (
+        torch.compiler.is_compiling()
+        and x.numel() <= SMALL_N * x.shape[-1]
+        and x.numel() // x.shape[-1] * mixing.numel() <= FUSIBLE_MAX
+    )
     if lora_in.shape[1] == r:  # core-space routing
         z = torch.matmul(x, lora_in)  # (..., r)
-        logits = torch.matmul(z, router_weight)  # (..., E)
+        logits = (
+            (z.unsqueeze(-1) * router_weight).sum(-2) if fusible else torch.matmul(z, router_weight)
+        )  # (..., E)
     elif router_x is None:
         z, logits = torch.matmul(x, lora_in).split_with_sizes((r, num_experts), dim=-1)  # (..., r), (..., E)
     else:
@@ -365,39 +372,14 @@ def branch_inference(
     probs = softmax_f32(logits)  # (..., E) float32
     gates = probs if probs.dtype == z.dtype else probs.to(z.dtype)
     if num_experts <= r:  # (g ⊗ z) C: one GEMM over K = E r (the layout prepare_inference chose)
-        mixed = torch.matmul((gates.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2), mixing)  # (..., r)
-    else:  # each token's core sum_e g_e s M_e (..., r, r), then its product with z
-        merged = torch.matmul(gates, mixing).unflatten(-1, (r, r))  # (..., r_out, r_in)
-        mixed = torch.matmul(merged, z.unsqueeze(-1)).squeeze(-1)  # (..., r)
-    return torch.matmul(mixed, lora_B), probs
-
-
-def _branch_inference_fusible(
-    x: torch.Tensor, weights: InferenceWeights, router_x: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`branch_inference` for few tokens under ``torch.compile`` (at most :data:`SMALL_N`, and tokens x
-    ``E r^2`` at most :data:`FUSIBLE_MAX`; same arguments and results): the small
-    products (core-space router logits, the mixing) are written as broadcast products and sums, which inductor
-    fuses with the softmax into one generated kernel, where matmuls would be separate library calls, each
-    costing more than its arithmetic at decoding sizes. ``A`` and ``B`` stay matmuls. Reads either layout of
-    ``weights.mixing``."""
-    lora_in, router_weight, mixing, lora_B = weights
-    r, num_experts = lora_B.shape[0], router_weight.shape[1]
-    if lora_in.shape[1] == r:  # core-space routing
-        z = torch.matmul(x, lora_in)  # (..., r)
-        logits = (z.unsqueeze(-1) * router_weight).sum(-2)  # (..., E)
-    elif router_x is None:
-        z, logits = torch.matmul(x, lora_in).split_with_sizes((r, num_experts), dim=-1)  # (..., r), (..., E)
-    else:
-        z, logits = torch.matmul(x, lora_in[:, :r]), torch.matmul(router_x, router_weight)
-    probs = softmax_f32(logits)  # (..., E) float32
-    gates = probs if probs.dtype == z.dtype else probs.to(z.dtype)
-    if mixing.shape == (num_experts * r, r):  # C[(e, i), o] = s M_e[o, i]
         outer = (gates.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)  # (..., E r)
-        mixed = (outer.unsqueeze(-1) * mixing).sum(-2)  # (..., r)
-    else:  # row e: s M_e flattened [out, in]
+        mixed = (outer.unsqueeze(-1) * mixing).sum(-2) if fusible else torch.matmul(outer, mixing)  # (..., r)
+    elif fusible:  # each token's core sum_e g_e s M_e (..., r, r), then its product with z
         merged = (gates.unsqueeze(-1) * mixing).sum(-2).unflatten(-1, (r, r))  # (..., r_out, r_in)
         mixed = (merged * z.unsqueeze(-2)).sum(-1)  # (..., r)
+    else:
+        merged = torch.matmul(gates, mixing).unflatten(-1, (r, r))  # (..., r_out, r_in)
+        mixed = torch.matmul(merged, z.unsqueeze(-1)).squeeze(-1)  # (..., r)
     return torch.matmul(mixed, lora_B), probs
 
 
