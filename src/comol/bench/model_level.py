@@ -209,11 +209,16 @@ def time_decoding(
     for label, model in models.items():
         cases[f"{label}\0long"] = generate(model, cfg.decode_tokens)
         cases[f"{label}\0short"] = generate(model, 1)
-    times = interleaved_medians(cases, device, model_rounds(cfg), 1)
+    return _per_token(interleaved_medians(cases, device, model_rounds(cfg), 1), models, cfg.decode_tokens)
+
+
+def _per_token(times: dict[str, dict[str, float]], labels: Any, new_tokens: int) -> dict[str, float]:
+    """Per label: ``(t(n new) - t(1 new)) / (n - 1)`` from the medians of its ``"label\\0long"`` (``n`` new tokens)
+    and ``"label\\0short"`` (one) cases."""
     return {
         label: (times[f"{label}\0long"]["median_s"] - times[f"{label}\0short"]["median_s"])
-        / max(1, cfg.decode_tokens - 1)
-        for label in models
+        / max(1, new_tokens - 1)
+        for label in labels
     }
 
 
@@ -273,12 +278,7 @@ def time_compiled_decoding(
 
         cases[f"{label}\0long"] = decode(cfg.decode_tokens)
         cases[f"{label}\0short"] = decode(1)
-    times = interleaved_medians(cases, device, rounds, 1)
-    return {
-        label: (times[f"{label}\0long"]["median_s"] - times[f"{label}\0short"]["median_s"])
-        / max(1, cfg.decode_tokens - 1)
-        for label in models
-    }
+    return _per_token(interleaved_medians(cases, device, rounds, 1), models, cfg.decode_tokens)
 
 
 class _OpCounter(TorchDispatchMode):

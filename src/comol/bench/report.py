@@ -143,20 +143,17 @@ def model_targets(models: list[dict[str, Any]], model: str, add: Any) -> None:
     if lora and comol:
         add("comol E=8 / LoRA: saved for backward (training step)", model,
             _ratio(comol["saved_bytes"], lora["saved_bytes"]), SAVED_LIMIT)  # fmt: skip
-    for batch in (1, 8):
-        lora_dec = _find(models, model=model, variant="lora", kind="decode", batch=batch)
-        comol_dec = _find(models, model=model, variant="comol E=8", kind="decode", batch=batch)
-        if lora_dec and comol_dec:
-            add(f"comol E=8 / LoRA (unmerged): decode per token, batch {batch}", model,
-                _ratio(comol_dec["per_token_s"], lora_dec["per_token_s"]), DECODE_LIMIT,
-                work=_ratio(comol_dec.get("ops_per_token"), lora_dec.get("ops_per_token")),
-                aten=_ratio(comol_dec.get("aten_s_per_token"), lora_dec.get("aten_s_per_token")))  # fmt: skip
-    for batch in (1, 8):
-        lora_dec = _find(models, model=model, variant="lora", kind="decode-compiled", batch=batch)
-        comol_dec = _find(models, model=model, variant="comol E=8", kind="decode-compiled", batch=batch)
-        if lora_dec and comol_dec:
-            add(f"comol E=8 / LoRA: compiled decode per token (torch.compile, fullgraph, static cache), batch {batch}",
-                model, _ratio(comol_dec["per_token_s"], lora_dec["per_token_s"]), DECODE_LIMIT)  # fmt: skip
+    decodes = (("decode", "comol E=8 / LoRA (unmerged): decode per token"),
+               ("decode-compiled", "comol E=8 / LoRA: compiled decode per token (torch.compile, fullgraph, static cache)"))  # fmt: skip
+    for kind, title in decodes:
+        for batch in (1, 8):
+            lora_dec = _find(models, model=model, variant="lora", kind=kind, batch=batch)
+            comol_dec = _find(models, model=model, variant="comol E=8", kind=kind, batch=batch)
+            if lora_dec and comol_dec:  # compiled rows have no operation counts: their work and ATen are None
+                add(f"{title}, batch {batch}", model,
+                    _ratio(comol_dec["per_token_s"], lora_dec["per_token_s"]), DECODE_LIMIT,
+                    work=_ratio(comol_dec.get("ops_per_token"), lora_dec.get("ops_per_token")),
+                    aten=_ratio(comol_dec.get("aten_s_per_token"), lora_dec.get("aten_s_per_token")))  # fmt: skip
     lora_c = _find(models, model=model, variant="lora", kind="train-compiled")
     comol_c = _find(models, model=model, variant="comol E=8", kind="train-compiled")
     if lora_c and comol_c:
