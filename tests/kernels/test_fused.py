@@ -24,7 +24,7 @@ def _inputs(n: int = 6, r: int = 4, num_experts: int = 3, k: int = 5, dtype: tor
     return t(2, n // 2, r), t(2, n // 2, k), t(num_experts, r), t(num_experts, k), t(num_experts, r, r)
 
 
-# E <= r mixes through the (N, E r) outer product, E > r through per-token merged cores: test both orders.
+# E <= r mixes through the (E r, N) outer product, E > r through per-token merged cores: test both orders.
 EXPERTS = pytest.mark.parametrize("num_experts", [3, 7], ids=["E<=r", "E>r"])
 
 
@@ -77,11 +77,12 @@ def _eager_branch(x, lora_A, w, cores, lora_B, scaling, core_router, router_x=No
 
 
 ROUTINGS = pytest.mark.parametrize("routing", ["core", "input", "input, dropout"])
-# Up to 64 tokens, and for E > r, the mixing merges cores per token; beyond, it contracts (g ⊗ z).
-ORDERS = pytest.mark.parametrize("n", [6, 80], ids=["merged", "outer"])
-# From 256 tokens with fewer than 16 experts, the CPU softmax (and its backward) runs over the token axis.
-ORDERS_AND_SOFTMAX = pytest.mark.parametrize(
-    "n", [6, 80, 300], ids=["merged", "outer", "outer, token-axis softmax"]
+# Traced by torch.compile, decoding with up to 64 tokens takes the fusible form (branch_inference), more tokens
+# the matmuls; training runs the same (token-minor) code at any size.
+SIZES = pytest.mark.parametrize("n", [6, 80], ids=["few tokens", "many tokens"])
+# From 256 tokens with fewer than 16 experts, the inference branch's CPU softmax runs over the token axis.
+SIZES_AND_SOFTMAX = pytest.mark.parametrize(
+    "n", [6, 80, 300], ids=["few tokens", "many tokens", "token-axis softmax"]
 )
 
 
@@ -97,7 +98,7 @@ def _branch_inputs(n: int, routing: str, num_experts: int = 3):
     return x, t(4, 5), w, t(num_experts, 4, 4), t(6, 4), 1.7, core_router, router_x
 
 
-@ORDERS_AND_SOFTMAX
+@SIZES_AND_SOFTMAX
 @ROUTINGS
 @pytest.mark.parametrize("num_experts", [3, 7], ids=["E<=r", "E>r"])
 def test_branch_matches_eager_float64(n: int, routing: str, num_experts: int) -> None:
@@ -116,7 +117,7 @@ def test_branch_matches_eager_float64(n: int, routing: str, num_experts: int) ->
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-@ORDERS_AND_SOFTMAX
+@SIZES_AND_SOFTMAX
 @ROUTINGS
 @pytest.mark.parametrize("num_experts", [3, 7], ids=["E<=r", "E>r"])
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "no input requires grad"])
@@ -137,7 +138,7 @@ def test_branch_inference_matches_eager_float64(n: int, routing: str, num_expert
     torch.testing.assert_close(p1, p0.to(p1.dtype), rtol=1e-12, atol=1e-12)
 
 
-@ORDERS
+@SIZES
 @ROUTINGS
 @pytest.mark.parametrize("num_experts", [3, 7], ids=["E<=r", "E>r"])
 @pytest.mark.parametrize("prepared", ["traced", "kept"])
@@ -203,7 +204,7 @@ def test_branch_inference_fusible_form_is_what_compile_traces_for_few_tokens(mon
     assert _traced_matmuls(2) == 4
 
 
-@ORDERS
+@SIZES
 @ROUTINGS
 def test_gradcheck_branch(n: int, routing: str) -> None:
     x, lora_A, w, cores, lora_B, scaling, core_router, router_x = _branch_inputs(n, routing)

@@ -60,7 +60,7 @@ def test_load_balancing_loss_gradient_flows_through_probs_only() -> None:
 
 @pytest.mark.parametrize("tokens", [3, 255, 256, 1000])
 @pytest.mark.parametrize("num_experts", [4, 15, 16, 64])
-def test_softmax_f32_either_axis_matches_the_plain_softmax(tokens: int, num_experts: int) -> None:
+def test_softmax_f32_either_axis_and_layout_matches_the_plain_softmax(tokens: int, num_experts: int) -> None:
     """Few experts and many tokens take the token-axis softmax on CPU; the values are the same either way."""
     logits = torch.randn(tokens, num_experts, dtype=torch.bfloat16)
     probs = routing.softmax_f32(logits)
@@ -68,3 +68,7 @@ def test_softmax_f32_either_axis_matches_the_plain_softmax(tokens: int, num_expe
     assert routing.few_experts_on_cpu(logits.float()) == (num_experts < 16 and tokens >= 256)
     torch.testing.assert_close(probs, torch.softmax(logits.float(), dim=-1), rtol=1e-6, atol=1e-7)
     assert routing.softmax_f32(logits.double()).dtype == torch.float64
+    # the token-minor layout (E, N) of the fused kernels: the experts along dim 0
+    torch.testing.assert_close(
+        routing.softmax_f32(logits.t().contiguous(), dim=0), probs.t(), rtol=1e-6, atol=1e-7
+    )

@@ -15,20 +15,22 @@ import torch.nn.functional as F
 _WIDE = (torch.float32, torch.float64)  # dtypes the softmax keeps
 
 
-def softmax_f32(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension in at least float32 (bf16/fp16 logits are upcast; float64 stays).
+def softmax_f32(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax over the experts' dimension in at least float32 (bf16/fp16 logits are upcast; float64 stays).
 
     Args:
-        logits: ``(..., E)``.
+        logits: ``(..., E)``, or with the experts along ``dim`` (``(E, N)`` for ``dim=0``: the token-minor
+            layout of :mod:`comol.kernels.fused`).
+        dim: the experts' dimension.
 
     Returns:
-        probs ``(..., E)`` in float32 (float64 for float64 logits), summing to 1 over ``E``.
+        probs, shaped as ``logits``, in float32 (float64 for float64 logits), summing to 1 over ``dim``.
     """
     if logits.dtype not in _WIDE:
         logits = logits.float()
-    if few_experts_on_cpu(logits):  # same maths, reduced along a leading dimension (see below)
+    if dim in (-1, logits.dim() - 1) and few_experts_on_cpu(logits):  # reduced along a leading dimension
         return torch.softmax(logits.movedim(-1, 0), dim=0).movedim(0, -1)
-    return torch.softmax(logits, dim=-1)
+    return torch.softmax(logits, dim=dim)
 
 
 _MANY_TOKENS = 256  # below this, the transposed softmax's two extra views cost more than they save
