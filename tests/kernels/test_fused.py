@@ -24,21 +24,30 @@ def _inputs(n: int = 6, r: int = 4, num_experts: int = 3, k: int = 5, dtype: tor
     return t(2, n // 2, r), t(2, n // 2, k), t(num_experts, r), t(num_experts, k), t(num_experts, r, r)
 
 
-# E <= r mixes through the (E r, N) outer product, E > r through per-token merged cores: test both orders.
+# E <= r mixes through the outer product of gates and codes, E > r through per-token merged cores: test both
+# orders. The tokens-first mixing (core_mix_fused, routed_core_mix_fused) also merges cores up to 64 tokens.
 EXPERTS = pytest.mark.parametrize("num_experts", [3, 7], ids=["E<=r", "E>r"])
+# Decoding traced by torch.compile takes the fusible form up to 64 tokens (branch_inference), the matmuls above.
+SIZES = pytest.mark.parametrize("n", [6, 80], ids=["few tokens", "many tokens"])
+# From 256 tokens with fewer than 16 experts, a tokens-first CPU softmax runs over the token axis.
+SIZES_AND_SOFTMAX = pytest.mark.parametrize(
+    "n", [6, 80, 300], ids=["few tokens", "many tokens", "token-axis softmax"]
+)
 
 
+@SIZES
 @EXPERTS
-def test_gradcheck_core_mix_fused(num_experts: int) -> None:
-    z, _, _, _, cores = _inputs(num_experts=num_experts)
-    gates = torch.softmax(torch.randn(2, 3, num_experts, dtype=torch.float64), -1).requires_grad_()
+def test_gradcheck_core_mix_fused(num_experts: int, n: int) -> None:
+    z, _, _, _, cores = _inputs(n=n, num_experts=num_experts)
+    gates = torch.softmax(torch.randn(2, n // 2, num_experts, dtype=torch.float64), -1).requires_grad_()
     assert torch.autograd.gradcheck(kernels.core_mix_fused, (z, gates, cores))
 
 
+@SIZES_AND_SOFTMAX
 @EXPERTS
 @pytest.mark.parametrize("core_router", [True, False])
-def test_gradcheck_routed(core_router: bool, num_experts: int) -> None:
-    z, x, w_core, w_input, cores = _inputs(num_experts=num_experts)
+def test_gradcheck_routed(core_router: bool, num_experts: int, n: int) -> None:
+    z, x, w_core, w_input, cores = _inputs(n=n, num_experts=num_experts)
     if core_router:
         assert torch.autograd.gradcheck(
             lambda z, w, c: kernels.routed_core_mix_fused(z, z, w, c)[0], (z, w_core, cores)
@@ -51,8 +60,11 @@ def test_gradcheck_routed(core_router: bool, num_experts: int) -> None:
 @pytest.mark.parametrize("num_experts", [4, 19], ids=["E<=r", "E>r"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("core_router", [True, False])
-def test_routed_matches_eager(dtype: torch.dtype, tol: float, core_router: bool, num_experts: int) -> None:
-    z, x, w_core, w_input, cores = _inputs(n=8, r=8, num_experts=num_experts, k=16, dtype=dtype)
+@pytest.mark.parametrize("n", [8, 80], ids=["few tokens", "many tokens"])
+def test_routed_matches_eager(
+    dtype: torch.dtype, tol: float, core_router: bool, num_experts: int, n: int
+) -> None:
+    z, x, w_core, w_input, cores = _inputs(n=n, r=8, num_experts=num_experts, k=16, dtype=dtype)
     u, w = (z, w_core) if core_router else (x, w_input)
     inputs = [z, w, cores] + ([] if core_router else [x])
     results = []
@@ -64,8 +76,9 @@ def test_routed_matches_eager(dtype: torch.dtype, tol: float, core_router: bool,
     (m0, p0, g0), (m1, p1, g1) = results
     torch.testing.assert_close(m1, m0, atol=tol, rtol=tol)
     torch.testing.assert_close(p1, p0, atol=tol, rtol=tol)
-    for a, b in zip(g1, g0, strict=True):
-        torch.testing.assert_close(a, b, atol=tol * 4, rtol=tol * 4)
+    for a, b in zip(g1, g0, strict=True):  # summed over tokens: low-precision rounding grows with their scale
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a, b, atol=tol * 4 * scale, rtol=tol * 4)
 
 
 def _eager_branch(x, lora_A, w, cores, lora_B, scaling, core_router, router_x=None):
@@ -77,13 +90,6 @@ def _eager_branch(x, lora_A, w, cores, lora_B, scaling, core_router, router_x=No
 
 
 ROUTINGS = pytest.mark.parametrize("routing", ["core", "input", "input, dropout"])
-# Traced by torch.compile, decoding with up to 64 tokens takes the fusible form (branch_inference), more tokens
-# the matmuls; training runs the same (token-minor) code at any size.
-SIZES = pytest.mark.parametrize("n", [6, 80], ids=["few tokens", "many tokens"])
-# From 256 tokens with fewer than 16 experts, the inference branch's CPU softmax runs over the token axis.
-SIZES_AND_SOFTMAX = pytest.mark.parametrize(
-    "n", [6, 80, 300], ids=["few tokens", "many tokens", "token-axis softmax"]
-)
 
 
 def _branch_inputs(n: int, routing: str, num_experts: int = 3):
