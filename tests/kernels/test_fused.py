@@ -524,3 +524,17 @@ def test_inference_weights_copy_only_b_and_the_cores(core_router: bool) -> None:
     assert shared == ({"lora_in", "router_weight"} if core_router else {"router_weight"})
     assert weights.lora_B.shape == (r, d_out) and weights.lora_B.is_contiguous()
     torch.testing.assert_close(weights.lora_B, lora_B.t())
+
+
+@EXPERTS
+def test_branch_keeps_the_codes_token_minor_only_in_the_outer_product_order(num_experts: int) -> None:
+    """The branch stores ``z = A x`` tokens last for ``E <= r`` (its mixing's element-wise work then runs along
+    the token axis) and tokens first for ``E > r`` (merged cores); either way it keeps ``z`` only once."""
+    x, lora_A, w, cores, lora_B, scaling, _, _ = _branch_inputs(80, "core", num_experts)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kernels.comol_branch_fused(x, lora_A, w, cores, lora_B, scaling, True)
+    codes = [t for t in saved if t.shape == (80, 4)]
+    assert len(codes) == 1
+    stored_token_minor = codes[0].t().is_contiguous()
+    assert stored_token_minor == (num_experts <= 4) and codes[0].is_contiguous() == (num_experts > 4)
