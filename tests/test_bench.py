@@ -182,3 +182,42 @@ def test_measured_ratio_shows_a_third_decimal_only_where_two_would_print_the_lim
     assert _fmt_measured(1.05, 1.05) == "1.05x"
     assert _fmt_measured(1.2, 1.05) == "1.20x"
     assert _fmt_measured(None, 1.05) == "n/a"
+
+
+def test_what_stands_in_the_way_is_read_off_the_measured_columns() -> None:
+    from comol.bench.report import _obstacle
+
+    assert _obstacle(1.02, 1.03, aten=1.5) == ""  # met: nothing in the way
+    assert _obstacle(1.30, 1.05, aten=1.29, flops=1.28) == "arithmetic (1.28x the FLOPs)"
+    assert _obstacle(1.17, 1.03, aten=1.11, flops=1.034) == (
+        "arithmetic (1.034x the FLOPs), the operations themselves (1.11x the time inside ATen) "
+        "and Python outside the operations"
+    )
+    assert _obstacle(1.10, 1.03, aten=1.00, flops=1.01) == "Python outside the operations (ATen time 1.00x)"
+    assert (
+        _obstacle(1.16, 1.08, aten=1.17, flops=1.06)
+        == "the operations themselves (1.17x the time inside ATen)"
+    )
+    assert _obstacle(1.06, 1.05, aten=1.05, operations=1.39) == (
+        "within the run-to-run noise (ATen time 1.05x); 1.39x the operations"
+    )
+    assert _obstacle(1.09, 1.03, aten=None) == "not profiled: see the README's performance section"
+
+
+def test_targets_not_met_say_what_stands_in_the_way() -> None:
+    from comol.bench.report import targets
+
+    def train(variant: str, seconds: float, flops: float, aten: float) -> dict:
+        return {"model": "m", "variant": variant, "kind": "train", "batch": 4, "seq": 8, "r": 16,
+                "median_s": seconds, "saved_bytes": 10, "flops": flops, "aten_s": aten}  # fmt: skip
+
+    models = [
+        train("lora", 1.0, 100, 0.9),
+        train("comol E=8", 1.02, 101, 0.9),
+        train("comol E=64", 1.2, 110, 0.91),
+    ]
+    why = {t["target"]: t["why"] for t in targets({"layers": [], "kernels": [], "models": models})}
+    assert why["comol E=8 / LoRA: training step"] == ""
+    assert why["comol E=64 / LoRA: training step"] == (
+        "arithmetic (1.10x the FLOPs) and Python outside the operations (ATen time 1.01x)"
+    )

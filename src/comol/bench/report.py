@@ -65,11 +65,12 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
     def add(
         name: str, where: str, value: float | None, limit: float, lower_is_better: bool = True,
-        work: float | None = None, aten: float | None = None,
+        work: float | None = None, aten: float | None = None, why: str = "",
     ) -> None:  # fmt: skip
         met = None if value is None else (value <= limit if lower_is_better else value >= limit)
         checks.append({"target": name, "where": where, "value": value, "limit": limit,
-                       "op": "<=" if lower_is_better else ">=", "met": met, "work": work, "aten": aten})  # fmt: skip
+                       "op": "<=" if lower_is_better else ">=", "met": met, "work": work, "aten": aten,
+                       "why": "" if met or met is None else why})  # fmt: skip
 
     groups = sorted({(r["d_in"], r["d_out"], r["tokens"], r["r"]) for r in layers})
     for d_in, d_out, n, r in groups:
@@ -102,15 +103,19 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             )
         stacked8 = _find(layers, variant="comol stacked", E=8, **key)
         if stacked8 and comol8:
+            share = (f"the mixing is a small part of a whole layer: stacked and CoMoL take "
+                     f"{_ratio(stacked8['median_s'], lora8['median_s']):.2f}x and "
+                     f"{_ratio(comol8['median_s'], lora8['median_s']):.2f}x LoRA's time") if lora8 else ""  # fmt: skip
             add("stacked / CoMoL E=8 (whole layer): time", where, _ratio(stacked8["median_s"], comol8["median_s"]),
-                1.5, lower_is_better=False)  # fmt: skip
+                1.5, lower_is_better=False, why=share)  # fmt: skip
     for r in sorted({row["r"] for row in kernels}):
         for e in sorted({row["E"] for row in kernels}):
             best = _find(kernels, impl=_auto_impl(result), r=r, E=e)
             stacked = _find(kernels, impl="stacked", r=r, E=e)
             if best and stacked:
                 where = f"routing+mixing only, N={best['tokens']}, r={r}, E={e}"
-                add("stacked / CoMoL: time", where, _ratio(stacked["median_s"], best["median_s"]), 1.5, False)
+                add("stacked / CoMoL: time", where, _ratio(stacked["median_s"], best["median_s"]), 1.5, False,
+                    why=_recompute_why(best, stacked))  # fmt: skip
                 add(
                     "CoMoL / stacked: saved for backward",
                     where,
@@ -120,6 +125,38 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     for model in sorted({row["model"] for row in models}):
         model_targets(models, model, add)
     return checks
+
+
+NOISE = 0.02  # a measured ratio this much above the ATen-time ratio is read as time outside the operations
+
+
+def _recompute_why(comol: dict[str, Any], stacked: dict[str, Any]) -> str:
+    """Why ``stacked`` is not much slower than CoMoL: CoMoL recomputes the mixture in backward to save memory."""
+    saved = _ratio(comol.get("saved_bytes"), stacked.get("saved_bytes"))
+    kept = "" if saved is None else f" ({saved:.2f}x stacked's memory kept for backward)"
+    return f"memory traded for time: CoMoL recomputes the mixture in backward{kept}"
+
+
+def _obstacle(value: float | None, limit: float, aten: float | None, flops: float | None = None,
+              operations: float | None = None) -> str:  # fmt: skip
+    """What stands in the way of a time ratio ``value`` above ``limit``, read off the measured columns:
+    arithmetic where the FLOP ratio is above the limit, the operations themselves where their ATen-time ratio is
+    above both (by more than :data:`NOISE` for the FLOP ratio), Python outside them where the measured ratio exceeds
+    the ATen-time ratio by more than :data:`NOISE`."""
+    if value is None or value <= limit:
+        return ""
+    causes = []
+    if flops is not None and flops > limit:
+        causes.append(f"arithmetic ({_fmt_measured(flops, limit)} the FLOPs)")
+    if aten is None:
+        return causes[0] if causes else "not profiled: see the README's performance section"
+    if aten > limit and (flops is None or aten > flops + NOISE):
+        causes.append(f"the operations themselves ({_fmt_measured(aten, limit)} the time inside ATen)")
+    if value > aten + NOISE:
+        causes.append("Python outside the operations" + ("" if aten > limit else f" (ATen time {aten:.2f}x)"))
+    why = ", ".join(causes[:-1]) + (" and " if len(causes) > 1 else "") + (causes[-1] if causes else "")
+    why = why or f"within the run-to-run noise (ATen time {aten:.2f}x)"
+    return why + (f"; {operations:.2f}x the operations" if operations is not None else "")
 
 
 # The issue's model-level limits: training step time (variant -> limit), against peft LoRA in the same run.
@@ -136,9 +173,13 @@ def model_targets(models: list[dict[str, Any]], model: str, add: Any) -> None:
         row = _find(models, model=model, variant=label, kind="train")
         if lora and row:
             where = f"{model}, batch {row['batch']} x {row['seq']}, r={row['r']}"
-            add(f"{label} / LoRA: training step", where, _ratio(row["median_s"], lora["median_s"]), limit,
-                work=_ratio(row.get("flops"), lora.get("flops")),
-                aten=_ratio(row.get("aten_s"), lora.get("aten_s")))  # fmt: skip
+            value, flops = (
+                _ratio(row["median_s"], lora["median_s"]),
+                _ratio(row.get("flops"), lora.get("flops")),
+            )
+            aten = _ratio(row.get("aten_s"), lora.get("aten_s"))
+            add(f"{label} / LoRA: training step", where, value, limit, work=flops, aten=aten,
+                why=_obstacle(value, limit, aten, flops=flops))  # fmt: skip
     comol = _find(models, model=model, variant="comol E=8", kind="train")
     if lora and comol:
         add("comol E=8 / LoRA: saved for backward (training step)", model,
@@ -150,15 +191,17 @@ def model_targets(models: list[dict[str, Any]], model: str, add: Any) -> None:
             lora_dec = _find(models, model=model, variant="lora", kind=kind, batch=batch)
             comol_dec = _find(models, model=model, variant="comol E=8", kind=kind, batch=batch)
             if lora_dec and comol_dec:  # compiled rows have no operation counts: their work and ATen are None
-                add(f"{title}, batch {batch}", model,
-                    _ratio(comol_dec["per_token_s"], lora_dec["per_token_s"]), DECODE_LIMIT,
-                    work=_ratio(comol_dec.get("ops_per_token"), lora_dec.get("ops_per_token")),
-                    aten=_ratio(comol_dec.get("aten_s_per_token"), lora_dec.get("aten_s_per_token")))  # fmt: skip
+                value = _ratio(comol_dec["per_token_s"], lora_dec["per_token_s"])
+                ops = _ratio(comol_dec.get("ops_per_token"), lora_dec.get("ops_per_token"))
+                aten = _ratio(comol_dec.get("aten_s_per_token"), lora_dec.get("aten_s_per_token"))
+                add(f"{title}, batch {batch}", model, value, DECODE_LIMIT, work=ops, aten=aten,
+                    why=_obstacle(value, DECODE_LIMIT, aten, operations=ops))  # fmt: skip
     lora_c = _find(models, model=model, variant="lora", kind="train-compiled")
     comol_c = _find(models, model=model, variant="comol E=8", kind="train-compiled")
     if lora_c and comol_c:
-        add("comol E=8 / LoRA: compiled training step (torch.compile, fullgraph)", model,
-            _ratio(comol_c["median_s"], lora_c["median_s"]), COMPILED_LIMIT)  # fmt: skip
+        value = _ratio(comol_c["median_s"], lora_c["median_s"])
+        add("comol E=8 / LoRA: compiled training step (torch.compile, fullgraph)", model, value, COMPILED_LIMIT,
+            why=_obstacle(value, COMPILED_LIMIT, None))  # fmt: skip
 
 
 def _auto_impl(result: dict[str, Any]) -> str:
@@ -217,13 +260,16 @@ def markdown(result: dict[str, Any], plots: list[str]) -> str:
             "*ATen time* is the ratio of the host time spent inside ATen operations (`torch.profiler` self CPU "
             "times, the optimizer included for a training step): where it is below the measured ratio, the rest "
             "is Python (module calls, operation dispatch, autograd's engine); where it is at the measured ratio, "
-            "the operations themselves cost that much.",
+            "the operations themselves cost that much. *What stands in the way* of a target not met is read off "
+            f"those columns: arithmetic where the FLOP ratio is above the limit, the operations themselves where "
+            f"their ATen time is, Python outside them where the measured ratio exceeds the ATen time by more than "
+            f"{NOISE:.2f}.",
             "", _table(
-        ["target", "where", "measured", "limit", "met", "work", "ATen time"],
+        ["target", "where", "measured", "limit", "met", "work", "ATen time", "what stands in the way"],
         ([c["target"], c["where"], _fmt_measured(c["value"], c["limit"]), f"{c['op']} {c['limit']:.2f}x",
           "n/a" if c["met"] is None else ("yes" if c["met"] else "**no**"),
           _fmt_ratio(c.get("work")) if c.get("work") is not None else "",
-          _fmt_ratio(c.get("aten")) if c.get("aten") is not None else ""] for c in checks),
+          _fmt_ratio(c.get("aten")) if c.get("aten") is not None else "", c.get("why", "")] for c in checks),
     ), ""]  # fmt: skip
 
     out += ["## Routing + core mixing alone", "",
