@@ -538,3 +538,21 @@ def test_branch_keeps_the_codes_token_minor_only_in_the_outer_product_order(num_
     assert len(codes) == 1
     stored_token_minor = codes[0].t().is_contiguous()
     assert stored_token_minor == (num_experts <= 4) and codes[0].is_contiguous() == (num_experts > 4)
+
+
+@ROUTINGS
+@EXPERTS
+def test_branch_backward_takes_saved_tensors_back_in_any_layout(routing: str, num_experts: int) -> None:
+    """Saved-tensor hooks that copy what autograd keeps (offloading it, as ``save_on_cpu(pin_memory=True)`` does)
+    hand ``z`` back contiguous, tokens first, whatever layout the branch stored it in: same gradients."""
+    args = _branch_inputs(80, routing, num_experts)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    expected = torch.autograd.grad(kernels.comol_branch_fused(*args)[0].sum(), tensors)
+
+    def offload(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty(t.shape, dtype=t.dtype).copy_(t)
+
+    with torch.autograd.graph.saved_tensors_hooks(offload, lambda t: t):
+        delta, _ = kernels.comol_branch_fused(*args)
+    for a, b in zip(torch.autograd.grad(delta.sum(), tensors), expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

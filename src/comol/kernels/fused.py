@@ -13,12 +13,12 @@ Two layouts of the per-token quantities, each where it measured faster on a CPU:
 - tokens first (``z (N, r)``, gates ``(N, E)``): in :func:`core_mix_fused` and :func:`routed_core_mix_fused`,
   whose callers hand them codes in that layout (transposing at their boundary cost more than it saved), and in
   the whole adapter branch (:func:`comol_branch_fused`) for ``E > r``, where the cores are merged per token;
-- token-minor (``z`` stored as ``(r, N)``, logits and gates as ``(E, N)``): in the branch for ``E <= r``, which
+- token-minor (``z`` kept as ``(r, N)``, logits and gates computed as ``(E, N)``): in the branch for ``E <= r``, which
   makes ``z`` itself and mixes through the outer product of gates and codes. The small dimensions (``r``, ``E``:
   4-16) are then the outer ones, so the mixing's element-wise products and sums and the float32 softmax run
   along the long token axis, where they vectorise, instead of along rows of 8-16 values: a branch's forward
-  and backward at 512 tokens, r=16, E=8 takes 0.87x (d=256) to 0.91x (d=576, 4096) the time of the
-  tokens-first code.
+  and backward at 512 tokens, r=16, E=8 takes 0.90x (d=256), 0.93x (d=576) and 0.98x (d=4096) the time of
+  the tokens-first code.
 
 Maths (per token; ``M_e = cores[e]`` laid out ``[out, in]``, ``dm = dL/dm``)::
 
@@ -260,9 +260,10 @@ def routed_core_mix_fused(
 # --------------------------------------------------------------------------------------------------------
 # The whole adapter branch
 # --------------------------------------------------------------------------------------------------------
-# With E <= r the branch stores its per-token tensors token-minor (module docstring) and mixes through the
-# outer product; with E > r it stores them tokens first and merges cores per token (rows of r^2 vectorise, and
-# the batched product needs no element-wise temporary). Its code reads them through (N, .) views either way.
+# With E <= r the branch keeps its per-token tensors token-minor (module docstring) and mixes through the
+# outer product; with E > r it keeps them tokens first and merges cores per token (rows of r^2 vectorise, and
+# the forward's batched product needs no (r, r, N) element-wise temporary). Its code reads them through (N, .)
+# views either way, and computes right in either layout (saved-tensor hooks may hand z back tokens first).
 def _token_minor(num_experts: int, r: int) -> bool:
     """Whether the branch stores ``z``, the logits and the gates token-minor (the outer-product order)."""
     return num_experts <= r
@@ -282,7 +283,9 @@ def _mix_t(
     ``(outerT (E r, N), S (r, E r))`` (never saved for backward)."""
     num_experts, r_out, r_in = cores.shape
     n = z_t.shape[1]
-    outer_t = (gates_t.unsqueeze(1) * z_t.unsqueeze(0)).view(num_experts * r_in, n)  # (E r, N)
+    # a view when z and the gates are stored token-minor; a copy where saved-tensor hooks (e.g. offloading with
+    # torch.autograd.graph.save_on_cpu) hand z back tokens first
+    outer_t = (gates_t.unsqueeze(1) * z_t.unsqueeze(0)).reshape(num_experts * r_in, n)  # (E r, N)
     stacked = cores.transpose(0, 1).reshape(r_out, num_experts * r_in)  # S[o, (e, i)] = M_e[o, i]
     return stacked @ outer_t, (outer_t, stacked)
 
