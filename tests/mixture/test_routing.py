@@ -68,7 +68,8 @@ def test_softmax_f32_either_axis_and_layout_matches_the_plain_softmax(tokens: in
     assert routing.few_experts_on_cpu(logits.float()) == (num_experts < 16 and tokens >= 256)
     torch.testing.assert_close(probs, torch.softmax(logits.float(), dim=-1), rtol=1e-6, atol=1e-7)
     assert routing.softmax_f32(logits.double()).dtype == torch.float64
-    # the token-minor layout (E, N) of the fused kernels: the experts along dim 0
-    torch.testing.assert_close(
-        routing.softmax_f32(logits.t().contiguous(), dim=0), probs.t(), rtol=1e-6, atol=1e-7
-    )
+    # stored tokens last (a transposed view of (E, N), as the fused branch keeps logits): taken over the transpose
+    stored_tokens_last = logits.t().contiguous().t()
+    probs_t = routing.softmax_f32(stored_tokens_last)
+    torch.testing.assert_close(probs_t, probs, rtol=1e-6, atol=1e-7)
+    assert routing.softmax_over_transpose(stored_tokens_last) and probs_t.t().is_contiguous()

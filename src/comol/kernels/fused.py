@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from comol.mixture.routing import few_experts_on_cpu, softmax_f32
+from comol.mixture.routing import softmax_f32, softmax_over_transpose
 
 # Up to this many tokens (decoding), the tokens-first mixing merges cores per token (the lower fixed cost), and
 # branch_inference may take its fusible form under torch.compile.
@@ -121,7 +121,7 @@ def _mix_backward(
 
 def _softmax_backward(grad_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """``dL/dlogits = probs * (dL/dprobs - <dL/dprobs, probs>)`` for ``probs = softmax_f32(logits)`` ``(N, E)``."""
-    if few_experts_on_cpu(probs):  # over the leading dimension, as softmax_f32 computed it
+    if softmax_over_transpose(probs):  # over the leading dimension, as softmax_f32 computed it
         return torch._softmax_backward_data(grad_probs.t(), probs.t(), 0, probs.dtype).t()
     return torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
 
@@ -309,10 +309,10 @@ def _mix_t_backward(
 
 
 def _branch_mix(
-    z: torch.Tensor, gates: torch.Tensor, cores: torch.Tensor
+    z: torch.Tensor, gates: torch.Tensor, cores: torch.Tensor, token_minor: bool
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """``z (N, r), gates (N, E) -> mixed (N, r)`` (views of the stored layout) and the temporaries for backward."""
-    if _token_minor(cores.shape[0], cores.shape[2]):
+    if token_minor:
         mixed_t, parts = _mix_t(z.t(), gates.t(), cores)
         return mixed_t.t(), parts
     return _mix_parts(z, gates, cores)  # merged cores (E > r)
@@ -324,27 +324,18 @@ def _branch_mix_backward(
     cores: torch.Tensor,
     grad_m: torch.Tensor,
     parts: tuple[torch.Tensor, ...],
+    token_minor: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`_branch_mix` w.r.t. ``z (N, r)``, ``gates (N, E)`` (views) and the cores."""
-    if _token_minor(cores.shape[0], cores.shape[2]):
+    if token_minor:
         grad_z_t, grad_gates_t, grad_cores = _mix_t_backward(z.t(), gates.t(), cores, grad_m, parts)
         return grad_z_t.t(), grad_gates_t.t(), grad_cores
     return _mix_backward(z, gates, cores, grad_m, parts)
 
 
-def _branch_softmax(logits: torch.Tensor, token_minor: bool) -> torch.Tensor:
-    """``softmax_f32`` of ``logits (N, E)``, in their layout (token-minor: over the stored ``(E, N)``'s first
-    dimension)."""
-    return softmax_f32(logits.t(), dim=0).t() if token_minor else softmax_f32(logits)
-
-
-def _branch_softmax_backward(
-    grad_probs: torch.Tensor, probs: torch.Tensor, token_minor: bool
-) -> torch.Tensor:
-    """:func:`_softmax_backward` for probabilities from :func:`_branch_softmax`, in their layout."""
-    if token_minor:
-        return torch._softmax_backward_data(grad_probs.t(), probs.t(), 0, probs.dtype).t()
-    return _softmax_backward(grad_probs, probs)
+def _core_logits(z: torch.Tensor, router_weight: torch.Tensor, token_minor: bool) -> torch.Tensor:
+    """Core-space router logits ``(N, E)`` of ``z (N, r)``, stored as ``z`` is."""
+    return (router_weight @ z.t()).t() if token_minor else z @ router_weight.t()
 
 
 def _branch_codes(
@@ -364,8 +355,7 @@ def _branch_codes(
     store = _stored_token_minor if token_minor else (lambda t: t)
     if core_router:
         z = store(x @ lora_A.t())  # (N, r)
-        logits = (router_weight @ z.t()).t() if token_minor else z @ router_weight.t()  # (N, E)
-        return z, logits, z, None
+        return z, _core_logits(z, router_weight, token_minor), z, None
     if router_x is None:  # input routing on the same x: A and the router in one matmul
         z_logits = store(x @ torch.cat([lora_A, router_weight]).t())  # (N, r + E)
         return z_logits[:, :r], z_logits[:, r:], z_logits, None
@@ -502,8 +492,8 @@ class _CoMoLBranch(torch.autograd.Function):
         z, logits, kept, kept_logits = _branch_codes(
             x, router_x, lora_A, router_weight, core_router, token_minor
         )
-        probs = _branch_softmax(logits, token_minor)  # (N, E) float32
-        mixed, _ = _branch_mix(z, probs.to(z.dtype), cores)  # (N, r), a fresh tensor
+        probs = softmax_f32(logits)  # (N, E) float32, stored as the logits are
+        mixed, _ = _branch_mix(z, probs.to(z.dtype), cores, token_minor)  # (N, r), a fresh tensor
         delta = mixed.mul_(scaling) @ lora_B.t()  # (N, d_out): scaling applied on the small side
         ctx.scaling, ctx.core_router, ctx.has_router_x = scaling, core_router, router_x is not None
         ctx.autocast = _autocast_of(x)
@@ -519,19 +509,19 @@ class _CoMoLBranch(torch.autograd.Function):
         token_minor = _token_minor(cores.shape[0], cores.shape[2])
         if ctx.core_router:
             z = kept
-            logits = (router_weight @ z.t()).t() if token_minor else z @ router_weight.t()  # recomputed
+            logits = _core_logits(z, router_weight, token_minor)  # recomputed
         elif logits is None:
             z, logits = kept[:, :r], kept[:, r:]
         else:
             z = kept
-        probs = _branch_softmax(logits, token_minor)  # (N, E) float32
+        probs = softmax_f32(logits)  # (N, E) float32
         gates = probs.to(z.dtype)
         grad_delta = grad_delta.to(z.dtype)
-        mixed, parts = _branch_mix(z, gates, cores)  # (N, r), recomputed
+        mixed, parts = _branch_mix(z, gates, cores, token_minor)  # (N, r), recomputed
         grad_B = (grad_delta.t() @ mixed).mul_(s)  # (d_out, r)
         grad_mixed = (grad_delta @ lora_B).mul_(s)  # (N, r)
-        grad_z, grad_gates, grad_cores = _branch_mix_backward(z, gates, cores, grad_mixed, parts)
-        grad_logits = _branch_softmax_backward(grad_gates.to(probs.dtype), probs, token_minor)
+        grad_z, grad_gates, grad_cores = _branch_mix_backward(z, gates, cores, grad_mixed, parts, token_minor)
+        grad_logits = _softmax_backward(grad_gates.to(probs.dtype), probs)
         grad_logits = grad_logits.to(logits.dtype)  # (N, E)
         grad_x = grad_router_x = None
         if ctx.core_router:

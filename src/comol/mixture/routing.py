@@ -15,22 +15,29 @@ import torch.nn.functional as F
 _WIDE = (torch.float32, torch.float64)  # dtypes the softmax keeps
 
 
-def softmax_f32(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Softmax over the experts' dimension in at least float32 (bf16/fp16 logits are upcast; float64 stays).
+def softmax_f32(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension in at least float32 (bf16/fp16 logits are upcast; float64 stays).
 
     Args:
-        logits: ``(..., E)``, or with the experts along ``dim`` (``(E, N)`` for ``dim=0``: the token-minor
-            layout of :mod:`comol.kernels.fused`).
-        dim: the experts' dimension.
+        logits: ``(..., E)``.
 
     Returns:
-        probs, shaped as ``logits``, in float32 (float64 for float64 logits), summing to 1 over ``dim``.
+        probs ``(..., E)`` in float32 (float64 for float64 logits), summing to 1 over ``E``: a transposed view
+        where it is computed over the transpose (:func:`softmax_over_transpose`).
     """
     if logits.dtype not in _WIDE:
         logits = logits.float()
-    if dim in (-1, logits.dim() - 1) and few_experts_on_cpu(logits):  # reduced along a leading dimension
+    if softmax_over_transpose(logits):  # same maths, reduced along a leading dimension
         return torch.softmax(logits.movedim(-1, 0), dim=0).movedim(0, -1)
-    return torch.softmax(logits, dim=dim)
+    return torch.softmax(logits, dim=-1)
+
+
+def softmax_over_transpose(t: torch.Tensor) -> bool:
+    """Whether the softmax of ``t (..., E)`` over ``E`` (or its backward, for probabilities ``t``) is taken over the
+    first dimension of the transpose: where ``t (N, E)`` is stored tokens last (a transposed view of an ``(E, N)``
+    tensor, as :mod:`comol.kernels.fused` keeps it), or for few experts on CPU (:func:`few_experts_on_cpu`). The
+    softmax of those returns such a view, so that its backward takes the same way."""
+    return (t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous()) or few_experts_on_cpu(t)
 
 
 _MANY_TOKENS = 256  # below this, the transposed softmax's two extra views cost more than they save
